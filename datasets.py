@@ -1,0 +1,1 @@
+"""Dataset construction (IMNET, image_folder, CIFAR, DIGITS, FAKE) and transforms."""

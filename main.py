@@ -1,0 +1,1 @@
+"""Training and evaluation entry point (ConvNeXt/DeiT style); filled in by the training pipeline."""

@@ -1,0 +1,48 @@
+"""Model zoo: importing this package registers every model with timm's registry.
+
+Our names ``resnet18``, ``resnet50``, ``mobilenetv2_100``, ``mobilenetv2_050`` and ``convnext_tiny``
+deliberately replace timm's own models of those names (the released configs use them), so
+``timm.create_model('resnet18')`` builds ours after ``import models``.
+"""
+import warnings
+from typing import Any, Mapping
+
+import timm
+from timm.models import register_model
+from torch import nn
+
+from . import convnext, mobilenetv2, resnet
+from ._builder import KW_ARGS
+from .convnext import ConvNeXt
+from .mobilenetv2 import MobileNetV2
+from .resnet import ResNet
+
+MODEL_NAMES = tuple(fn.__name__ for module in (resnet, mobilenetv2, convnext) for fn in module.ENTRYPOINTS)
+
+with warnings.catch_warnings():
+    # timm warns when a name it already has is registered again; that replacement is intended.
+    warnings.filterwarnings('ignore', message=r'Overwriting .* in registry', category=UserWarning)
+    for _module in (resnet, mobilenetv2, convnext):
+        for _entrypoint in _module.ENTRYPOINTS:
+            register_model(_entrypoint)
+
+# Config / main.py option -> model argument.
+CONFIG_TO_MODEL_ARGS = {
+    'nb_classes': 'num_classes', 'drop_path': 'drop_path_rate', 'dropout': 'dropout',
+    'layer_scale_init_value': 'layer_scale_init_value', 'head_init_scale': 'head_init_scale',
+    **{name: name for name in KW_ARGS},
+}
+
+
+def create_model_from_config(config: Mapping[str, Any], **overrides) -> nn.Module:
+    """Build the model a config (a released JSON or main.py's options) describes.
+
+    Options that are absent or None take the model's defaults; ``overrides`` are model arguments
+    (e.g. ``num_classes=10``) that win over the config.
+    """
+    kwargs = {arg: config[option] for option, arg in CONFIG_TO_MODEL_ARGS.items() if option in config}
+    kwargs.update(overrides)
+    return timm.create_model(config['model'], **kwargs)
+
+
+__all__ = ['CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'ConvNeXt', 'MobileNetV2', 'ResNet', 'create_model_from_config']

@@ -1,0 +1,185 @@
+"""ResNet-18/50, plain and KernelWarehouse, in one implementation (KW-SPEC section 5).
+
+The KW variant keeps the torchvision layout and state-dict keys, adds ``warehouse_manager`` (one
+warehouse per stage with the default sharing range) and makes the block convs dynamic. The stem
+and ``fc`` stay plain. Hand-over: the first conv of a stage's first block and its strided 1x1
+downsample draw on the previous stage's warehouse.
+"""
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from ._builder import TemperatureMixin, build, finish_kw, make_layer_factory
+
+
+def _conv(make_layer: Callable[..., nn.Module], in_planes: int, out_planes: int, kernel_size: int,
+          stride: int, warehouse_name: Optional[str]) -> nn.Module:
+    """A bias-free conv; KW when it has a warehouse name and the model is KW."""
+    return make_layer(in_planes, out_planes, kernel_size, stride=stride, padding=kernel_size // 2, bias=False,
+                      warehouse_name=warehouse_name or '', enabled=warehouse_name is not None)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+    num_convs = 2
+    # In the first stage there is no previous warehouse to hand over to: the first conv of
+    # layer1.0 stays in stage 0's warehouse (BasicBlock) or is a plain conv (Bottleneck).
+    kw_first_conv_in_stage0 = True
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 drop_path: float = 0., make_layer: Callable[..., nn.Module] = None,
+                 warehouse_names: Sequence[Optional[str]] = (None, None)):
+        super().__init__()
+        self.conv1 = _conv(make_layer, inplanes, planes, 3, stride, warehouse_names[0])
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv(make_layer, planes, planes, 3, 1, warehouse_names[1])
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(identity + self.drop_path(out))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+    num_convs = 3
+    kw_first_conv_in_stage0 = False
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 drop_path: float = 0., make_layer: Callable[..., nn.Module] = None,
+                 warehouse_names: Sequence[Optional[str]] = (None, None, None)):
+        super().__init__()
+        self.conv1 = _conv(make_layer, inplanes, planes, 1, 1, warehouse_names[0])
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv(make_layer, planes, planes, 3, stride, warehouse_names[1])
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv(make_layer, planes, planes * self.expansion, 1, 1, warehouse_names[2])
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(identity + self.drop_path(out))
+
+
+Block = Union[Type[BasicBlock], Type[Bottleneck]]
+
+
+def block_warehouse_names(block: Block, stage: int, index: int, prev_stage_depth: int):
+    """Warehouse names ``stage{s}_layer{l}_conv{c}`` of a block's convs and of its downsample.
+
+    A stage's first block hands its first conv and its downsample over to the previous stage,
+    where they count as that stage's next layer. ``None`` marks a plain conv.
+    """
+    names: List[Optional[str]] = [f'stage{stage}_layer{index}_conv{c}' for c in range(block.num_convs)]
+    downsample = None
+    if index == 0 and stage > 0:
+        names[0] = f'stage{stage - 1}_layer{prev_stage_depth}_conv0'
+        downsample = f'stage{stage - 1}_layer{prev_stage_depth}_conv{block.num_convs}'
+    elif index == 0 and not block.kw_first_conv_in_stage0:
+        names[0] = None
+    return names, downsample
+
+
+class ResNet(TemperatureMixin, nn.Module):
+    """ResNet with optional KernelWarehouse convs.
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck``.
+        layers: blocks per stage.
+        num_classes: classifier outputs.
+        dropout: dropout before ``fc``.
+        drop_path_rate: stochastic depth, linearly increasing over the blocks.
+        kw: ``WarehouseManager`` settings, or ``None`` for a plain ResNet.
+    """
+
+    def __init__(self, block: Block, layers: Sequence[int], num_classes: int = 1000, dropout: float = 0.,
+                 drop_path_rate: float = 0., kw: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        make_layer = make_layer_factory(self, kw)
+        self.num_classes = num_classes
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        drop_paths = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        for stage, depth in enumerate(layers):
+            first = sum(layers[:stage])
+            self.add_module(f'layer{stage + 1}', self._make_stage(
+                block, 64 * 2 ** stage, depth, stage, layers[stage - 1] if stage else 0,
+                drop_paths[first:first + depth], make_layer))
+        self.num_features = 512 * block.expansion
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        finish_kw(self)
+
+    def _make_stage(self, block: Block, planes: int, depth: int, stage: int, prev_stage_depth: int,
+                    drop_paths: List[float], make_layer: Callable[..., nn.Module]) -> nn.Sequential:
+        stride = 1 if stage == 0 else 2
+        blocks = []
+        for index in range(depth):
+            conv_names, downsample_name = block_warehouse_names(block, stage, index, prev_stage_depth)
+            downsample = None
+            if index == 0 and (stride != 1 or self.inplanes != planes * block.expansion):
+                downsample = nn.Sequential(
+                    _conv(make_layer, self.inplanes, planes * block.expansion, 1, stride, downsample_name),
+                    nn.BatchNorm2d(planes * block.expansion))
+            blocks.append(block(self.inplanes, planes, stride if index == 0 else 1, downsample, drop_paths[index],
+                                make_layer, conv_names))
+            self.inplanes = planes * block.expansion
+        return nn.Sequential(*blocks)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_KW_RESNET_DEFAULTS = dict(sharing_range=('layer', 'conv'))
+
+
+def resnet18(pretrained: bool = False, **kwargs) -> ResNet:
+    return build(ResNet, 'resnet18', pretrained, kwargs, block=BasicBlock, layers=(2, 2, 2, 2))
+
+
+def resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    return build(ResNet, 'resnet50', pretrained, kwargs, block=Bottleneck, layers=(3, 4, 6, 3))
+
+
+def kw_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
+    return build(ResNet, 'kw_resnet18', pretrained, kwargs, _KW_RESNET_DEFAULTS, block=BasicBlock,
+                 layers=(2, 2, 2, 2))
+
+
+def kw_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    return build(ResNet, 'kw_resnet50', pretrained, kwargs, _KW_RESNET_DEFAULTS, block=Bottleneck,
+                 layers=(3, 4, 6, 3))
+
+
+ENTRYPOINTS = (resnet18, resnet50, kw_resnet18, kw_resnet50)

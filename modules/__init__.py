@@ -1,0 +1,1 @@
+"""KernelWarehouse layers and warehouse manager (``modules.kernel_warehouse``)."""

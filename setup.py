@@ -1,0 +1,22 @@
+"""KernelWarehouse: a faithful, modern PyTorch reimplementation (ICML 2024, Li and Yao)."""
+from setuptools import setup
+
+setup(
+    name='kernelwarehouse',
+    version='0.1.0',
+    description='KernelWarehouse dynamic convolution: models, training and evaluation on modern PyTorch/timm',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.9',
+    packages=['models', 'modules'],
+    install_requires=[
+        # Pinned exactly: these builds are available locally; other versions download gigabytes.
+        'torch==2.14.1',
+        'torchvision==0.29.1',
+        'timm>=1.0,<2',
+        'tensorboardX',
+        'six',
+        'numpy',
+    ],
+    extras_require={'test': ['pytest']},
+)

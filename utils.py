@@ -1,0 +1,1 @@
+"""Distributed setup, logging, schedules and checkpoint I/O."""
