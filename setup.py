@@ -1,5 +1,5 @@
 """KernelWarehouse: a faithful, modern PyTorch reimplementation (ICML 2024, Li and Yao)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name='kernelwarehouse',
@@ -8,7 +8,7 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.9',
-    packages=['models', 'modules'],
+    packages=find_packages(include=['models', 'models.*', 'modules', 'modules.*']),
     install_requires=[
         # Pinned exactly: these builds are available locally; other versions download gigabytes.
         'torch==2.14.1',

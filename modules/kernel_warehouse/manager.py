@@ -1,0 +1,238 @@
+"""The warehouse manager: reserve, store, allocate (KW-SPEC section 1)."""
+import math
+from functools import partial
+from typing import Callable, Dict, List, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from .conv import IntOrTuple, KWConv1d, KWConv2d, KWConv3d, KWConvNd, KWLinear, _ntuple
+
+PerWarehouse = Union[float, Sequence[float]]
+
+
+def _per_warehouse(value, num_warehouses: int, setting: str, names: Sequence[str]) -> list:
+    """Broadcast a scalar or a length-1 sequence to one value per warehouse."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return list(value) * num_warehouses
+        if len(value) == num_warehouses:
+            return list(value)
+        raise ValueError(
+            f'{setting} has {len(value)} values but the model has {num_warehouses} warehouses '
+            f'({", ".join(names)}); give one value, or one value per warehouse.')
+    return [value] * num_warehouses
+
+
+def _check_positive(value, setting: str) -> None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f'{setting} must be a number > 0 (or a list of them), got {value!r}.')
+
+
+def parse_sharing_range(sharing_range) -> Tuple[str, ...]:
+    """``"layer_conv"`` or ``["layer", "conv"]`` -> ``("layer", "conv")``; ``None`` -> ``()``.
+
+    The released configs write the sharing range as one ``_``-joined string.
+    """
+    if sharing_range is None:
+        return ()
+    if isinstance(sharing_range, str):
+        return tuple(part for part in sharing_range.split('_') if part)
+    parts = tuple(sharing_range)
+    if not all(isinstance(p, str) and p for p in parts):
+        raise ValueError(f'sharing_range must be a string or a list of non-empty strings, got {sharing_range!r}.')
+    return parts
+
+
+_KW_LAYERS = {'conv1d': KWConv1d, 'conv2d': KWConv2d, 'conv3d': KWConv3d}
+_STATIC_LAYERS = {'conv1d': nn.Conv1d, 'conv2d': nn.Conv2d, 'conv3d': nn.Conv3d}
+_LAYER_DIMENSIONS = {'conv1d': 1, 'conv2d': 2, 'conv3d': 3, 'linear': 1}
+
+
+def static_layer(in_planes: int, out_planes: int, kernel_size: IntOrTuple = 1, stride: IntOrTuple = 1,
+                 padding: IntOrTuple = 0, dilation: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 layer_type: str = 'conv2d', **_unused) -> nn.Module:
+    """The plain ``nn.Conv{1,2,3}d`` / ``nn.Linear`` matching a :meth:`WarehouseManager.reserve` call.
+
+    Takes (and ignores) the KW-only arguments of ``reserve`` so that a model can use either to
+    build its layers.
+    """
+    if layer_type == 'linear':
+        return nn.Linear(in_planes, out_planes, bias=bias)
+    if layer_type not in _STATIC_LAYERS:
+        raise ValueError(f'layer_type must be one of {sorted(_LAYER_DIMENSIONS)}, got {layer_type!r}.')
+    return _STATIC_LAYERS[layer_type](in_planes, out_planes, kernel_size, stride=stride, padding=padding,
+                                      dilation=dilation, groups=groups, bias=bias)
+
+
+class WarehouseManager(nn.Module):
+    """Owns the warehouses of a KW model: ``reserve`` layers, ``store`` cells, ``allocate`` them.
+
+    Args:
+        reduction: attention hidden width as a fraction of a layer's input channels (min 16).
+        cell_num_ratio: cells per warehouse relative to the mixtures its layers need (1/4x ... 4x).
+        cell_inplane_ratio: cell input channels relative to the gcd of the layers' inputs.
+        cell_outplane_ratio: cell output channels relative to the gcd of the layers' outputs.
+        sharing_range: name-part prefixes whose index is dropped when fusing warehouse names,
+            e.g. ``("layer", "conv")`` or ``"layer_conv"``: ``stage2_layer3_conv1`` -> ``stage2_layer_conv``.
+        nonlocal_basis_ratio: < 1 maps the attention to other layers' cells through a low-rank basis.
+        norm_layer: normalisation inside the attention (``nn.BatchNorm1d`` or ``nn.LayerNorm``).
+        spatial_partition: split kernels into 1x1 cells (True) or keep whole kernels as cells.
+
+    ``reduction``, the three ratios and ``spatial_partition`` may each be a scalar or a sequence of
+    length 1 or of the number of warehouses (in order of first reservation).
+    """
+
+    def __init__(
+            self,
+            reduction: PerWarehouse = 0.0625,
+            cell_num_ratio: PerWarehouse = 1,
+            cell_inplane_ratio: PerWarehouse = 1,
+            cell_outplane_ratio: PerWarehouse = 1,
+            sharing_range: Union[str, Sequence[str], None] = (),
+            nonlocal_basis_ratio: float = 1,
+            norm_layer: Type[nn.Module] = nn.BatchNorm1d,
+            spatial_partition: Union[bool, Sequence[bool]] = True,
+    ):
+        super().__init__()
+        for setting, value in [('reduction', reduction), ('cell_num_ratio', cell_num_ratio),
+                               ('cell_inplane_ratio', cell_inplane_ratio),
+                               ('cell_outplane_ratio', cell_outplane_ratio),
+                               ('nonlocal_basis_ratio', nonlocal_basis_ratio)]:
+            _check_positive(value, setting)
+        self.sharing_range = parse_sharing_range(sharing_range)
+        self.settings = dict(reduction=reduction, cell_num_ratio=cell_num_ratio,
+                             cell_inplane_ratio=cell_inplane_ratio, cell_outplane_ratio=cell_outplane_ratio,
+                             spatial_partition=spatial_partition)
+        self.nonlocal_basis_ratio = nonlocal_basis_ratio
+        self.norm_layer = norm_layer
+        # fused warehouse name -> weight shapes [out, in / groups, *k] of its layers, in reserve order
+        self.warehouse_list: Dict[str, List[List[int]]] = {}
+        self.weights = nn.ParameterList()
+
+    @property
+    def warehouse_names(self) -> List[str]:
+        return list(self.warehouse_list)
+
+    def fuse_warehouse_name(self, warehouse_name: str) -> str:
+        """Replace every ``_``-separated part that starts with a sharing prefix by that prefix."""
+        fused = []
+        for part in warehouse_name.split('_'):
+            for prefix in self.sharing_range:
+                if part.startswith(prefix):
+                    part = prefix
+            fused.append(part)
+        return '_'.join(fused)
+
+    def reserve(
+            self,
+            in_planes: int,
+            out_planes: int,
+            kernel_size: IntOrTuple = 1,
+            stride: IntOrTuple = 1,
+            padding: IntOrTuple = 0,
+            dilation: IntOrTuple = 1,
+            groups: int = 1,
+            bias: bool = True,
+            warehouse_name: str = 'default',
+            enabled: bool = True,
+            layer_type: str = 'conv2d',
+    ) -> nn.Module:
+        """Return a KW layer drawing on warehouse ``warehouse_name`` (or a plain layer if not enabled)."""
+        if layer_type not in _LAYER_DIMENSIONS:
+            raise ValueError(f'layer_type must be one of {sorted(_LAYER_DIMENSIONS)}, got {layer_type!r}.')
+        if not enabled:
+            return static_layer(in_planes, out_planes, kernel_size, stride, padding, dilation, groups, bias,
+                                layer_type=layer_type)
+        if len(self.weights):
+            raise RuntimeError('reserve() called after store(): reserve every KW layer before storing.')
+        if layer_type == 'linear':
+            kernel_size, groups = 1, 1
+        if in_planes % groups or out_planes % groups:
+            raise ValueError(f'in_planes ({in_planes}) and out_planes ({out_planes}) must be divisible by '
+                             f'groups ({groups}).')
+        name = self.fuse_warehouse_name(warehouse_name)
+        shape = [out_planes, in_planes // groups, *_ntuple(kernel_size, _LAYER_DIMENSIONS[layer_type])]
+        self.warehouse_list.setdefault(name, []).append(shape)
+        warehouse_id = self.warehouse_names.index(name)
+        if layer_type == 'linear':
+            return KWLinear(in_planes, out_planes, bias=bias, warehouse_id=warehouse_id, warehouse_manager=self)
+        return _KW_LAYERS[layer_type](in_planes, out_planes, kernel_size, stride=stride, padding=padding,
+                                      dilation=dilation, groups=groups, bias=bias, warehouse_id=warehouse_id,
+                                      warehouse_manager=self)
+
+    def _broadcast_settings(self) -> None:
+        names, n = self.warehouse_names, len(self.warehouse_list)
+        for setting, value in self.settings.items():
+            setattr(self, setting, _per_warehouse(value, n, setting, names))
+
+    def _cell_shape(self, idx: int, name: str, layers: List[List[int]]) -> List[int]:
+        kernel = layers[0][2:]
+        if not self.spatial_partition[idx]:
+            for layer in layers:
+                if layer[2:] != kernel:
+                    raise ValueError(
+                        f'warehouse {name!r} holds kernels {tuple(kernel)} and {tuple(layer[2:])} but spatial '
+                        f'partition is off for it: turn spatial_partition on, or choose a sharing range that '
+                        f'keeps layers with different kernels in different warehouses.')
+        cell_out = max(int(math.gcd(*(layer[0] for layer in layers)) * self.cell_outplane_ratio[idx]), 1)
+        cell_in = max(int(math.gcd(*(layer[1] for layer in layers)) * self.cell_inplane_ratio[idx]), 1)
+        for layer in layers:
+            if layer[0] % cell_out or layer[1] % cell_in:
+                raise ValueError(
+                    f'warehouse {name!r}: cells of {cell_out} out x {cell_in} in channels do not tile a '
+                    f'layer with {layer[0]} out x {layer[1]} in channels; choose cell_outplane_ratio '
+                    f'({self.cell_outplane_ratio[idx]}) and cell_inplane_ratio ({self.cell_inplane_ratio[idx]}) '
+                    f'so that the cells divide every layer.')
+        cell_kernel = [1] * len(kernel) if self.spatial_partition[idx] else list(kernel)
+        return [cell_out, cell_in, *cell_kernel]
+
+    def store(self) -> None:
+        """Create one parameter ``[n, cell_out, cell_in, *cell_kernel]`` per warehouse."""
+        if len(self.weights):
+            raise RuntimeError('store() was already called.')
+        self._broadcast_settings()
+        for idx, (name, layers) in enumerate(self.warehouse_list.items()):
+            cell_out, cell_in, *cell_kernel = self._cell_shape(idx, name, layers)
+            num_mixtures = 0
+            for out_planes, in_planes, *kernel in layers:
+                # Evaluated left to right as in the released code (it fixes the warehouse size).
+                groups_channel = int(out_planes // cell_out * in_planes // cell_in)
+                groups_spatial = math.prod(k // ck for k, ck in zip(kernel, cell_kernel))
+                num_mixtures += groups_channel * groups_spatial
+            num_cells = max(int(num_mixtures * self.cell_num_ratio[idx]), 1)
+            self.weights.append(nn.Parameter(torch.randn(num_cells, cell_out, cell_in, *cell_kernel)))
+
+    def allocate(self, network: nn.Module,
+                 init_weights: Callable = partial(nn.init.kaiming_normal_, mode='fan_out', nonlinearity='relu')):
+        """Give every KW layer of ``network`` (in ``modules()`` order) its attention and cells."""
+        if not len(self.weights) and self.warehouse_list:
+            raise RuntimeError('allocate() called before store().')
+        end_idxs = [0] * len(self.weights)
+        for layer in network.modules():
+            if not isinstance(layer, KWConvNd) or layer.warehouse_manager is not self:
+                continue
+            idx = layer.warehouse_id
+            cells = self.weights[idx]
+            start = end_idxs[idx]
+            end = layer.init_attention(cells, start, self.reduction[idx], self.cell_num_ratio[idx],
+                                       self.norm_layer, self.nonlocal_basis_ratio)
+            if start < end <= cells.shape[0]:  # an overflow is reported below
+                with torch.no_grad():
+                    init_weights(cells[start:end].view(-1, *cells.shape[2:]))
+            end_idxs[idx] = end
+        for idx, (name, end) in enumerate(zip(self.warehouse_names, end_idxs)):
+            if end != self.weights[idx].shape[0]:
+                raise ValueError(
+                    f'warehouse {name!r} has {self.weights[idx].shape[0]} cells but its layers claim {end} '
+                    f'with cell_num_ratio {self.cell_num_ratio[idx]}: use a whole number >= 1 or 1/k '
+                    f'(0.5, 0.25, ...), and make sure every reserved KW layer is part of the network.')
+
+    def take_cell(self, warehouse_idx: int) -> torch.Tensor:
+        return self.weights[warehouse_idx]
+
+
+# The released code's name, kept for users' scripts.
+Warehouse_Manager = WarehouseManager
