@@ -17,6 +17,7 @@ setup(
         'tensorboardX',
         'six',
         'numpy',
+        'scikit-learn',  # the DIGITS demo dataset
     ],
     extras_require={'test': ['pytest']},
 )

@@ -5,13 +5,21 @@ detection backbones, the tools) loads checkpoints through :func:`load_checkpoint
 :func:`extract_state_dict`.
 """
 import argparse
+import datetime
+import json
+import os
 import pickle
+import re
+import time
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict, deque
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
+import numpy._core.multiarray as np_multiarray
 import torch
+import torch.distributed as dist
 from torch import nn
 
 PathLike = Union[str, Path]
@@ -21,9 +29,14 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used, with one sentence saying why and what to do."""
 
 
-# Plain types that our checkpoints and the original release's hold besides tensors and
-# containers (``args`` is the training run's argparse.Namespace).
-SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+# Plain types that our checkpoints and the original release's hold besides tensors and containers:
+# ``args`` is the run's argparse.Namespace; the original's optimizer states hold numpy scalars (its
+# schedules are numpy arrays), pickled under numpy 1's module name or numpy 2's.
+SAFE_CHECKPOINT_GLOBALS = [
+    argparse.Namespace, np.dtype, np_multiarray.scalar, (np_multiarray.scalar, 'numpy.core.multiarray.scalar'),
+    *(getattr(np.dtypes, f'{kind}DType') for kind in ('Bool', 'Float16', 'Float32', 'Float64', 'Int8', 'Int16',
+                                                      'Int32', 'Int64', 'UInt8', 'UInt16', 'UInt32', 'UInt64')),
+]
 
 # Where checkpoints keep the weights, in order of preference.
 STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'module')
@@ -110,3 +123,217 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         raise CheckpointError(f'{source} does not fit this model ({mismatch}); build the model with the '
                               f'config the checkpoint was trained with.')
     model.load_state_dict(state_dict, strict=not ignore_missing)
+
+
+def drop_module_keys(state_dict: Mapping[str, torch.Tensor],
+                     modules: Sequence[str]) -> 'OrderedDict[str, torch.Tensor]':
+    """``state_dict`` without the keys of the named submodules (``'fc'`` drops ``fc.weight`` and
+    ``fc.bias`` but keeps ``fc2.weight``), e.g. a classifier head before loading a backbone."""
+    return OrderedDict((k, v) for k, v in state_dict.items()
+                       if not any(k == m or k.startswith(f'{m}.') for m in modules))
+
+
+class UserError(Exception):
+    """A mistake in the command line, a config or the data, with one sentence naming the fix."""
+
+
+def str2bool(value: Union[str, bool]) -> bool:
+    """argparse type of the ``true/false`` flags (as in the original ``main.py``)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ('true', 't', 'yes', 'y', '1'):
+        return True
+    if value.lower() in ('false', 'f', 'no', 'n', '0'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Join the process group when launched by ``torchrun`` or ``torch.distributed.launch``.
+
+    Sets ``args.distributed``, ``args.rank``, ``args.world_size`` and ``args.gpu``; a plain
+    ``python main.py`` stays a single process. NCCL on CUDA, gloo on the CPU.
+    """
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        local_rank = int(os.environ.get('LOCAL_RANK', max(args.local_rank, 0)))
+    else:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, None
+        return
+    args.distributed = True
+    use_cuda = args.device.startswith('cuda')
+    args.gpu = local_rank if use_cuda else None
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        args.device = f'cuda:{local_rank}'
+    dist.init_process_group('nccl' if use_cuda else 'gloo', init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+
+
+def all_reduce_sum(values: Sequence[float], device: Union[str, torch.device] = 'cpu') -> List[float]:
+    """Sum numbers over all processes (identity in a single process)."""
+    if not is_dist():
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or torch.compile) wrapper."""
+    while hasattr(model, 'module') or hasattr(model, '_orig_mod'):
+        model = getattr(model, 'module', None) or model._orig_mod
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------
+
+class SmoothedValue:
+    """A series of values: median/average over a recent window and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
+        self.window = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.count += n
+        self.total += value * n
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.window))
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.window))
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.window[-1]
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Named series of values, printed every ``print_freq`` iterations by the main process."""
+
+    def __init__(self, delimiter: str = '  '):
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            if value is not None:
+                self.meters[name].update(float(value))
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = '') -> Iterator:
+        length = len(iterable)
+        start = last = time.time()
+        iter_time = SmoothedValue(fmt='{avg:.4f}')
+        digits = len(str(length))
+        for i, item in enumerate(iterable):
+            yield item
+            iter_time.update(time.time() - last)
+            last = time.time()
+            if is_main_process() and (i % print_freq == 0 or i == length - 1):
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (length - i - 1)))
+                print(self.delimiter.join([f'{header} [{i:>{digits}}/{length}]', f'eta: {eta}', str(self),
+                                           f'time: {iter_time}']), flush=True)
+        if is_main_process():
+            total = datetime.timedelta(seconds=int(time.time() - start))
+            print(f'{header} Total time: {total} ({(time.time() - start) / max(length, 1):.4f} s / it)', flush=True)
+
+
+def append_json_line(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, steps_per_epoch: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0, warmup_steps: int = -1) -> np.ndarray:
+    """One value per optimizer step: linear warm-up, then a half cosine to ``final_value``.
+
+    Written here rather than taken from timm: timm's schedulers drive the learning rate only, and
+    the recipe also anneals the weight decay (``--weight_decay_end``) with the same curve.
+    """
+    warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
+    warmup_iters = min(warmup_iters, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    steps = np.arange(total - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files of a run
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_PATTERN = re.compile(r'checkpoint-(\d+)\.pth$')
+
+
+def save_checkpoint(obj: Any, path: PathLike) -> None:
+    """Write a checkpoint atomically: a temporary file in the same folder, flushed, then renamed,
+    so that an interrupted save never leaves a truncated ``checkpoint-*.pth`` behind."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f'could not save checkpoint {path} ({error.strerror or error}); free disk space or '
+                        f'choose another --output_dir.') from None
+
+
+def numbered_checkpoints(output_dir: PathLike) -> List[Tuple[int, Path]]:
+    """``(epoch, path)`` of the ``checkpoint-<epoch>.pth`` files in ``output_dir``, oldest first."""
+    found = []
+    for path in Path(output_dir).glob('checkpoint-*.pth'):
+        match = CHECKPOINT_PATTERN.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)

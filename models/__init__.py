@@ -5,24 +5,27 @@ deliberately replace timm's own models of those names (the released configs use 
 ``timm.create_model('resnet18')`` builds ours after ``import models``.
 """
 import warnings
-from typing import Any, Mapping
+from collections import defaultdict
+from typing import Any, Mapping, Set
 
 import timm
 from timm.models import register_model
 from torch import nn
 
-from . import convnext, mobilenetv2, resnet
+from modules.kernel_warehouse import KWConvNd
+
+from . import convnext, deit, mobilenetv2, resnet
 from ._builder import KW_ARGS
 from .convnext import ConvNeXt
 from .mobilenetv2 import MobileNetV2
 from .resnet import ResNet
 
-MODEL_NAMES = tuple(fn.__name__ for module in (resnet, mobilenetv2, convnext) for fn in module.ENTRYPOINTS)
+MODEL_NAMES = tuple(fn.__name__ for module in (resnet, mobilenetv2, convnext, deit) for fn in module.ENTRYPOINTS)
 
 with warnings.catch_warnings():
     # timm warns when a name it already has is registered again; that replacement is intended.
     warnings.filterwarnings('ignore', message=r'Overwriting .* in registry', category=UserWarning)
-    for _module in (resnet, mobilenetv2, convnext):
+    for _module in (resnet, mobilenetv2, convnext, deit):
         for _entrypoint in _module.ENTRYPOINTS:
             register_model(_entrypoint)
 
@@ -30,6 +33,7 @@ with warnings.catch_warnings():
 CONFIG_TO_MODEL_ARGS = {
     'nb_classes': 'num_classes', 'drop_path': 'drop_path_rate', 'dropout': 'dropout',
     'layer_scale_init_value': 'layer_scale_init_value', 'head_init_scale': 'head_init_scale',
+    'input_size': 'img_size', 'patch_size': 'patch_size',  # used by the ViTs only
     **{name: name for name in KW_ARGS},
 }
 
@@ -45,4 +49,18 @@ def create_model_from_config(config: Mapping[str, Any], **overrides) -> nn.Modul
     return timm.create_model(config['model'], **kwargs)
 
 
-__all__ = ['CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'ConvNeXt', 'MobileNetV2', 'ResNet', 'create_model_from_config']
+def classifier_state_keys(model: nn.Module) -> Set[str]:
+    """State-dict keys that belong to the classifier: its own keys and, for a KW classifier, the
+    warehouses only it uses (both change with the number of classes)."""
+    classifier = model.get_classifier()
+    prefix = next(name for name, module in model.named_modules() if module is classifier)
+    keys = {k for k in model.state_dict() if k.startswith(f'{prefix}.')}
+    users = defaultdict(set)
+    for name, module in model.named_modules():
+        if isinstance(module, KWConvNd):
+            users[module.warehouse_id].add(name.startswith(f'{prefix}.'))
+    keys.update(f'warehouse_manager.weights.{idx}' for idx, in_classifier in users.items() if in_classifier == {True})
+    return keys
+
+
+__all__ = ['CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'classifier_state_keys', 'ConvNeXt', 'MobileNetV2', 'ResNet', 'create_model_from_config']

@@ -1,6 +1,6 @@
 """Shared plumbing of the model entrypoints: argument checking and KW settings."""
 import inspect
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from torch import nn
 
@@ -10,7 +10,8 @@ from modules.kernel_warehouse import WarehouseManager, set_temperature, static_l
 # original release does). KW arguments are ignored by the plain models.
 KW_ARGS = ('reduction', 'cell_num_ratio', 'cell_inplane_ratio', 'cell_outplane_ratio', 'sharing_range',
            'nonlocal_basis_ratio')
-COMMON_ARGS = ('num_classes', 'drop_path_rate', 'dropout', 'layer_scale_init_value', 'head_init_scale')
+COMMON_ARGS = ('num_classes', 'drop_path_rate', 'dropout', 'layer_scale_init_value', 'head_init_scale',
+               'img_size', 'patch_size')
 # Injected by timm.create_model; we have no pretrained weights to resolve.
 _TIMM_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
 
@@ -44,21 +45,22 @@ def finish_kw(model: nn.Module) -> None:
 
 def build(model_cls: type, model_name: str, pretrained: bool, kwargs: Dict[str, Any],
           kw_defaults: Optional[Dict[str, Any]] = None, kw_fixed: Optional[Dict[str, Any]] = None,
-          **variant) -> nn.Module:
+          extra_args: Sequence[str] = (), **variant) -> nn.Module:
     """Build ``model_cls(**variant, ...)`` from an entrypoint's keyword arguments.
 
     ``kw_defaults`` (None for a plain model) holds the model's default KW settings; the caller's
     KW arguments override them, ``kw_fixed`` overrides both, and the merged dict reaches the model
-    as ``kw``.
+    as ``kw``. ``extra_args`` names the family's own arguments, accepted besides the common ones.
     """
     if pretrained:
         raise ValueError(f'{model_name} has no downloadable weights: build it with pretrained=False and load a '
                          f'checkpoint (main.py --resume / --finetune).')
     for name in _TIMM_ARGS:
         kwargs.pop(name, None)
-    unknown = sorted(set(kwargs) - set(KW_ARGS) - set(COMMON_ARGS))
+    valid = set(KW_ARGS) | set(COMMON_ARGS) | set(extra_args)
+    unknown = sorted(set(kwargs) - valid)
     if unknown:
-        raise TypeError(f'{model_name} got unknown argument(s) {unknown}; valid: {sorted(KW_ARGS + COMMON_ARGS)}.')
+        raise TypeError(f'{model_name} got unknown argument(s) {unknown}; valid: {sorted(valid)}.')
     kw_args = {k: kwargs.pop(k) for k in KW_ARGS if k in kwargs}
     # Common arguments a family has no use for (e.g. layer scale for a ResNet) are dropped.
     accepted = inspect.signature(model_cls).parameters

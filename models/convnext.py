@@ -100,11 +100,23 @@ class ConvNeXt(TemperatureMixin, nn.Module):
             self.head.bias.mul_(head_init_scale)
         finish_kw(self)
 
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups in depth order, for timm's layer-wise lr decay (``--layer_decay``).
+
+        A downsampler joins the first block of the stage it starts; the warehouses and the head
+        fall in the last group.
+        """
+        return dict(stem=r'^downsample_layers\.0\.', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^downsample_layers\.(\d+)', (0,)), (r'^stages\.(\d+)\.(\d+)', None), (r'^norm\.', (99999,))])
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             trunc_normal_(m.weight, std=.02)
             nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for downsample, stage in zip(self.downsample_layers, self.stages):

@@ -124,6 +124,9 @@ class MobileNetV2(TemperatureMixin, nn.Module):
                 nn.init.zeros_(m.bias)
         finish_kw(self)
 
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 

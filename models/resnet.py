@@ -150,6 +150,9 @@ class ResNet(TemperatureMixin, nn.Module):
             self.inplanes = planes * block.expansion
         return nn.Sequential(*blocks)
 
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))

@@ -68,3 +68,11 @@ def test_checkpoint_of_another_model_names_keys():
         load_model_weights(timm.create_model('kw_resnet18', num_classes=4), state)
     with pytest.raises(CheckpointError, match=r'missing: .*; \d+ unexpected: '):
         load_model_weights(timm.create_model('resnet18', num_classes=4), state)
+
+
+def test_numpy_scalars_of_original_optimizer_states_load(tmp_path):
+    import numpy as np
+    torch.save({'model': {'w': torch.ones(1)}, 'optimizer': {'param_groups': [{'lr': np.float64(4e-3)}]},
+                'epoch': np.int64(3)}, tmp_path / 'ckpt.pth')
+    loaded = load_checkpoint_file(tmp_path / 'ckpt.pth')
+    assert loaded['optimizer']['param_groups'][0]['lr'] == 4e-3 and loaded['epoch'] == 3

@@ -1,7 +1,7 @@
 """The warehouse manager: reserve, store, allocate (KW-SPEC section 1)."""
 import math
 from functools import partial
-from typing import Callable, Dict, List, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -22,6 +22,11 @@ def _per_warehouse(value, num_warehouses: int, setting: str, names: Sequence[str
             f'{setting} has {len(value)} values but the model has {num_warehouses} warehouses '
             f'({", ".join(names)}); give one value, or one value per warehouse.')
     return [value] * num_warehouses
+
+
+def _named(layer_name: Optional[str]) -> str:
+    """`` ('path')`` naming a layer in an error message, or nothing when the caller gave no name."""
+    return f' ({layer_name!r})' if layer_name else ''
 
 
 def _check_positive(value, setting: str) -> None:
@@ -110,6 +115,8 @@ class WarehouseManager(nn.Module):
         self.norm_layer = norm_layer
         # fused warehouse name -> weight shapes [out, in / groups, *k] of its layers, in reserve order
         self.warehouse_list: Dict[str, List[List[int]]] = {}
+        # fused warehouse name -> the optional names of its layers (for error messages only)
+        self.layer_names: Dict[str, List[Optional[str]]] = {}
         self.weights = nn.ParameterList()
 
     @property
@@ -139,8 +146,12 @@ class WarehouseManager(nn.Module):
             warehouse_name: str = 'default',
             enabled: bool = True,
             layer_type: str = 'conv2d',
+            layer_name: Optional[str] = None,
     ) -> nn.Module:
-        """Return a KW layer drawing on warehouse ``warehouse_name`` (or a plain layer if not enabled)."""
+        """Return a KW layer drawing on warehouse ``warehouse_name`` (or a plain layer if not enabled).
+
+        ``layer_name`` (e.g. the layer's module path) only serves to name the layer in errors.
+        """
         if layer_type not in _LAYER_DIMENSIONS:
             raise ValueError(f'layer_type must be one of {sorted(_LAYER_DIMENSIONS)}, got {layer_type!r}.')
         if not enabled:
@@ -156,6 +167,7 @@ class WarehouseManager(nn.Module):
         name = self.fuse_warehouse_name(warehouse_name)
         shape = [out_planes, in_planes // groups, *_ntuple(kernel_size, _LAYER_DIMENSIONS[layer_type])]
         self.warehouse_list.setdefault(name, []).append(shape)
+        self.layer_names.setdefault(name, []).append(layer_name)
         warehouse_id = self.warehouse_names.index(name)
         if layer_type == 'linear':
             return KWLinear(in_planes, out_planes, bias=bias, warehouse_id=warehouse_id, warehouse_manager=self)
@@ -169,23 +181,24 @@ class WarehouseManager(nn.Module):
             setattr(self, setting, _per_warehouse(value, n, setting, names))
 
     def _cell_shape(self, idx: int, name: str, layers: List[List[int]]) -> List[int]:
-        kernel = layers[0][2:]
+        kernel, layer_names = layers[0][2:], self.layer_names[name]
         if not self.spatial_partition[idx]:
-            for layer in layers:
+            for layer, layer_name in zip(layers, layer_names):
                 if layer[2:] != kernel:
                     raise ValueError(
-                        f'warehouse {name!r} holds kernels {tuple(kernel)} and {tuple(layer[2:])} but spatial '
+                        f'warehouse {name!r} holds kernels {tuple(kernel)}{_named(layer_names[0])} and '
+                        f'{tuple(layer[2:])}{_named(layer_name)} but spatial '
                         f'partition is off for it: turn spatial_partition on, or choose a sharing range that '
                         f'keeps layers with different kernels in different warehouses.')
         cell_out = max(int(math.gcd(*(layer[0] for layer in layers)) * self.cell_outplane_ratio[idx]), 1)
         cell_in = max(int(math.gcd(*(layer[1] for layer in layers)) * self.cell_inplane_ratio[idx]), 1)
-        for layer in layers:
+        for layer, layer_name in zip(layers, layer_names):
             if layer[0] % cell_out or layer[1] % cell_in:
                 raise ValueError(
                     f'warehouse {name!r}: cells of {cell_out} out x {cell_in} in channels do not tile a '
-                    f'layer with {layer[0]} out x {layer[1]} in channels; choose cell_outplane_ratio '
-                    f'({self.cell_outplane_ratio[idx]}) and cell_inplane_ratio ({self.cell_inplane_ratio[idx]}) '
-                    f'so that the cells divide every layer.')
+                    f'layer{_named(layer_name)} with {layer[0]} out x {layer[1]} in channels; choose '
+                    f'cell_outplane_ratio ({self.cell_outplane_ratio[idx]}) and cell_inplane_ratio '
+                    f'({self.cell_inplane_ratio[idx]}) so that the cells divide every layer.')
         cell_kernel = [1] * len(kernel) if self.spatial_partition[idx] else list(kernel)
         return [cell_out, cell_in, *cell_kernel]
 

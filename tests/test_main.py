@@ -1,0 +1,190 @@
+"""main.py as users run it: training, evaluation, configs, errors, distributed launch (all on the CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import main
+from engine import get_temperature, train_one_epoch
+from modules.kernel_warehouse import Attention, WarehouseManager
+
+ROOT = Path(__file__).parent.parent
+# A tiny, deterministic recipe: no augmentation randomness beyond crops/flips, no mixup.
+QUICK = ['--input_size', '32', '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0',
+         '--device', 'cpu', '--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
+         '--color_jitter', '0', '--print_freq', '100', '--train_samples', '16', '--val_samples', '12']
+
+
+def run_main(*argv):
+    return main.main(main.parse_args([str(a) for a in argv]))
+
+
+def read_log(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / 'log.txt').read_text().splitlines()]
+
+
+@pytest.mark.parametrize('data_set', ['FAKE', 'DIGITS'])
+@pytest.mark.parametrize('model', ['kw_resnet18', 'kw_mobilenetv2_050', 'kw_convnext_tiny'])
+def test_one_epoch_writes_log_and_checkpoint_and_eval_reproduces_it(model, data_set, tmp_path):
+    out = tmp_path / 'run'
+    run_main('--model', model, '--data_set', data_set, '--nb_classes', 5, '--output_dir', out,
+             '--log_dir', tmp_path / 'tb', '--temp_epoch', 3, *QUICK)
+    [record] = read_log(out)
+    assert record['epoch'] == 0 and record['test_num_images'] == 12
+    assert record['train_temperature'] == pytest.approx(get_temperature(1, 0, 2, temp_epoch=3))  # last of 2 steps
+    assert {p.name for p in out.iterdir()} == {'log.txt', 'checkpoint-0.pth', 'checkpoint-best.pth'}
+    assert any(tmp_path.joinpath('tb').iterdir())  # tensorboard events
+
+    stats = run_main('--model', model, '--data_set', data_set, '--nb_classes', 5, '--eval', 'true',
+                     '--resume', out / 'checkpoint-0.pth', *QUICK)
+    assert stats['acc1'] == record['test_acc1'] and stats['acc5'] == record['test_acc5']
+    assert stats['loss'] == pytest.approx(record['test_loss'], rel=1e-6)
+
+
+def test_auto_resume_continues_from_the_newest_checkpoint(tmp_path, capsys):
+    common = ['--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 3, '--output_dir', tmp_path,
+              '--save_ckpt_num', 1, '--disable_eval', 'true', *QUICK]
+    run_main(*common)
+    run_main(*common, '--epochs', 2)
+    assert [r['epoch'] for r in read_log(tmp_path)] == [0, 1]
+    assert 'Continuing training at epoch 1' in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob('checkpoint-*.pth')) == ['checkpoint-1.pth']
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    """update_freq 2 at batch 4 makes the same first update as batch 8 (no batch norm in KW ConvNeXt)."""
+    weights = []
+    for batch, update_freq in [(8, 1), (4, 2)]:
+        out = tmp_path / f'b{batch}'
+        run_main('--model', 'kw_convnext_tiny', '--data_set', 'FAKE', '--nb_classes', 4, '--opt', 'sgd',
+                 '--lr', 0.5, '--temp_epoch', 0, '--disable_eval', 'true',
+                 '--output_dir', out, *QUICK, '--train_samples', 8, '--batch_size', batch,
+                 '--update_freq', update_freq)
+        weights.append(torch.load(out / 'checkpoint-0.pth', weights_only=False)['model'])
+    torch.manual_seed(0)  # main seeds with --seed 0 before building the model
+    initial = main.build_model(main.parse_args(['--model', 'kw_convnext_tiny', '--nb_classes', '4'])).state_dict()
+    moved = [k for k in weights[0] if not torch.equal(weights[0][k], initial[k])]
+    assert len(moved) > 100  # the step changed the weights...
+    for key in weights[0]:  # ...identically
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-3, atol=1e-5)
+
+
+class _TinyKW(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.warehouse_manager = WarehouseManager(norm_layer=nn.LayerNorm)
+        self.conv = self.warehouse_manager.reserve(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+        self.warehouse_manager.store()
+        self.warehouse_manager.allocate(self)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+    def net_update_temperature(self, temperature):
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.temperature = temperature
+
+
+def test_temperature_per_iteration_follows_the_schedule():
+    model = _TinyKW()
+    seen = []
+    model.conv.attention.register_forward_pre_hook(lambda module, args: seen.append(module.temperature))
+    loader = [(torch.randn(2, 3, 6, 6), torch.tensor([0, 1]))] * 4
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    for epoch in range(3):
+        train_one_epoch(model, nn.CrossEntropyLoss(), loader, optimizer, torch.device('cpu'), epoch, scaler,
+                        temperature_fn=lambda e, step: get_temperature(step, e, 4, temp_epoch=2), print_freq=100)
+    # 4 iterations per epoch over 2 epochs: 8 steps from 1 down to 0, then 0
+    assert seen == pytest.approx([7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0, 0, 0, 0, 0])
+    assert get_temperature(0, 0, 10, temp_epoch=1, temp_init_value=0.5) == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize('config, message', [
+    ({'model': 'kw_resnet18', 'cell_num_ration': 2}, 'unknown option "cell_num_ration"; did you mean "cell_num_ratio"'),
+    ({'model': 'kw_resnet18', 'lr': 'fast'}, '"lr" must be a number, got "fast"'),
+    ({'model': 'kw_resnet18', 'model_ema': 'sometimes'}, '"model_ema" must be true or false'),
+    ({'model': 'kw_resnet9000'}, "unknown model 'kw_resnet9000'; known models: resnet18, resnet50, kw_resnet18"),
+    ({'model': 'kw_resnet18', 'lr': -0.1}, '--lr must be > 0, got -0.1'),
+    ({'model': 'kw_resnet18', 'cell_num_ratio': 0}, '--cell_num_ratio must be > 0, got 0.0'),
+    ({'model': 'kw_resnet18', 'data_set': 'MNIST'}, '"data_set" must be one of IMNET, image_folder, CIFAR'),
+])
+def test_config_errors_are_one_clear_sentence(config, message, tmp_path, capsys):
+    path = tmp_path / 'config.json'
+    path.write_text(json.dumps({**config, 'output_dir': str(tmp_path / 'out')}))
+    with pytest.raises(SystemExit) as exit_info:
+        main.run(['--kw_config', str(path)])
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_missing_data_folder_fails_cleanly_from_the_command_line(tmp_path):
+    out = tmp_path / 'out'
+    result = subprocess.run(
+        [sys.executable, 'main.py', '--kw_config', 'configs/resnet18/kw1x_resnet18.json', '--data_path',
+         str(tmp_path / 'imagenet'), '--output_dir', str(out), '--device', 'cpu'],
+        cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f'error: ImageNet train folder {tmp_path}/imagenet/train does not exist; set --data_path to a folder of '
+        f'class sub-folders.']
+    assert not out.exists()
+
+
+def test_eval_needs_weights(capsys):
+    with pytest.raises(SystemExit):
+        main.run(['--model', 'kw_resnet18', '--eval', 'true'])
+    assert '--eval true needs the weights to evaluate' in capsys.readouterr().err
+
+
+def test_finetune_on_other_classes_keeps_everything_but_the_classifier(tmp_path):
+    source = main.build_model(main.parse_args(['--model', 'kw1d2x_mobilenetv2_050', '--nb_classes', '7']))
+    torch.save({'model': source.state_dict()}, tmp_path / 'pretrained.pth')
+    args = main.parse_args(['--model', 'kw1d2x_mobilenetv2_050', '--nb_classes', '3', '--finetune',
+                            str(tmp_path / 'pretrained.pth')])
+    model = main.build_model(args)
+    state, reference = model.state_dict(), source.state_dict()
+    classifier = {k for k in state if k.startswith('classifier.') or k == 'warehouse_manager.weights.9'}
+    assert all(torch.equal(state[k], reference[k]) for k in state if k not in classifier)
+    assert state['warehouse_manager.weights.9'].shape[1] == 3
+
+
+def test_original_release_checkpoint_layouts_evaluate(tmp_path):
+    model = main.build_model(main.parse_args(['--model', 'kw_resnet18', '--nb_classes', '5']))
+    bare, ddp = tmp_path / 'bare.pth', tmp_path / 'ddp.pth'
+    torch.save(model.state_dict(), bare)
+    torch.save({'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, ddp)
+    results = [run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 5, '--eval', 'true',
+                        '--resume', path, *QUICK) for path in (bare, ddp)]
+    assert results[0] == results[1]
+
+
+def test_demo_configs_parse():
+    for name in ('kw1x_resnet18_digits', 'resnet18_digits'):
+        args = main.parse_args(['--kw_config', f'configs/demo/{name}.json'])
+        assert args.data_set == 'DIGITS' and args.model.endswith('resnet18')
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """torchrun with gloo: trains, evaluates each validation image once, only rank 0 writes."""
+    out = tmp_path / 'out'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
+               'main.py', '--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', '4', '--output_dir',
+               str(out), *QUICK, '--batch_size', '4', '--val_samples', '13']
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('* Acc@1') == 1 and '(13 images' in result.stdout
+    assert {p.name for p in out.iterdir()} == {'log.txt', 'checkpoint-0.pth', 'checkpoint-best.pth'}
+    [record] = read_log(out)
+    single = run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 4, '--eval', 'true',
+                      '--resume', out / 'checkpoint-0.pth', *QUICK, '--val_samples', 13)
+    assert single['acc1'] == pytest.approx(record['test_acc1']) and single['num_images'] == 13
