@@ -4,14 +4,15 @@
 raise :class:`utils.UserError` with the fix, before anything is written.
 """
 import argparse
+import itertools
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.data import create_transform
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets, transforms
 
 from utils import UserError
@@ -91,11 +92,20 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
     return transforms.Compose(steps + normalize)
 
 
+def load_rgb(path: str) -> Image.Image:
+    """An image file as RGB; an unreadable file is reported with its path."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f'cannot read image {path} ({error}); remove or replace the file.') from None
+
+
 def _image_folder(root: Path, what: str, option: str, transform: Callable) -> datasets.ImageFolder:
     if not root.is_dir():
         raise UserError(f'{what} folder {root} does not exist; set {option} to a folder of class sub-folders.')
     try:
-        return datasets.ImageFolder(str(root), transform=transform)
+        return datasets.ImageFolder(str(root), transform=transform, loader=load_rgb)
     except FileNotFoundError as error:  # no class folder, or a class folder without images
         raise UserError(f'{what} folder {root} is not usable: {error}; every class needs its own '
                         f'sub-folder with at least one image.') from None
@@ -145,3 +155,36 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, in
         raise UserError(f'the {split} split of {args.data_set} is empty; check --data_path.')
     return _subset(dataset, args.train_samples if is_train else args.val_samples), num_classes
 
+
+
+class EpochSampler(DistributedSampler):
+    """Seeded shuffling that depends only on the seed and the epoch, sharded over processes, and
+    able to start an epoch part-way (``set_epoch(epoch, start_index)``) to resume mid-epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class ShardSampler(Sampler):
+    """Every ``world_size``-th index starting at ``rank``: the shards cover the dataset exactly once
+    (unlike DistributedSampler, which repeats samples to even the shards out)."""
+
+    def __init__(self, dataset_size: int, rank: int, world_size: int):
+        self.indices = range(rank, dataset_size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -53,23 +53,30 @@ def train_one_epoch(
         wd_schedule: Optional[np.ndarray] = None,
         temperature_fn: Optional[Callable[[int, int], float]] = None,
         print_freq: int = 10,
+        iters_per_epoch: Optional[int] = None,
+        start_step: int = 0,
+        step_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Dict[str, float]:
     """Train for one epoch; returns the epoch's average loss, last lr, weight decay and temperature.
 
     ``update_freq`` accumulates gradients over that many iterations per optimizer step; the
     schedules are indexed by optimizer step, ``temperature_fn(epoch, data_iter_step)`` by data
-    iteration.
+    iteration. To resume part-way, ``data_loader`` yields only the rest of the epoch, which has
+    ``iters_per_epoch`` iterations in all, starting after optimizer step ``start_step``.
+    ``step_callback(epoch, steps_done)`` runs after every optimizer step.
     """
     model.train(True)
     kw_model = unwrap_model(model)
     metric_logger = MetricLogger()
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     metric_logger.add_meter('temperature', SmoothedValue(window_size=1, fmt='{value:.4f}'))
-    steps_per_epoch = len(data_loader) // update_freq
+    iters_per_epoch = iters_per_epoch or len(data_loader)
+    steps_per_epoch = iters_per_epoch // update_freq
+    first_iteration = start_step * update_freq
     optimizer.zero_grad(set_to_none=True)
-    temperature = 0.0
+    temperature = lr = weight_decay = 0.0
     for data_iter_step, (samples, targets) in enumerate(
-            metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]')):
+            metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]'), start=first_iteration):
         step = data_iter_step // update_freq
         if step >= steps_per_epoch:
             continue  # a last incomplete accumulation window is dropped
@@ -105,6 +112,8 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:
                 model_ema.update(model)
+            if step_callback is not None:
+                step_callback(epoch, step + 1)
 
         lr = max(group['lr'] for group in optimizer.param_groups)
         weight_decay = max(group['weight_decay'] for group in optimizer.param_groups)

@@ -25,12 +25,12 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 
 import models
 import utils
-from datasets import DATA_SETS, build_dataset
-from engine import evaluate, get_temperature, train_one_epoch
+from datasets import DATA_SETS, EpochSampler, ShardSampler, build_dataset
+from engine import NonFiniteLossError, evaluate, get_temperature, train_one_epoch
 from optim_factory import create_optimizer
 from utils import CheckpointError, UserError, str2bool
 
@@ -128,7 +128,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--auto_resume', type=str2bool, default=True, help='resume from the newest checkpoint in output_dir')
     group.add_argument('--save_ckpt', type=str2bool, default=True)
     group.add_argument('--save_ckpt_freq', default=1, type=int)
-    group.add_argument('--save_ckpt_num', default=3, type=int, help='numbered checkpoints to keep')
+    group.add_argument('--save_ckpt_num', default=3, type=int, help='epoch checkpoints to keep')
+    group.add_argument('--save_ckpt_steps', default=0, type=int,
+                       help='also checkpoint every N optimizer steps within an epoch (0: off)')
     group.add_argument('--start_epoch', default=0, type=int)
     group.add_argument('--eval', type=str2bool, default=False, help='only evaluate')
     group.add_argument('--dist_eval', type=str2bool, default=True,
@@ -213,7 +215,7 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and not value > 0:
             raise UserError(f'--{name} must be > 0, got {value}.')
     non_negative = ['min_lr', 'weight_decay', 'weight_decay_end', 'warmup_epochs', 'temp_epoch', 'num_workers',
-                    'mixup', 'cutmix', 'color_jitter', 'clip_grad', 'start_epoch']
+                    'mixup', 'cutmix', 'color_jitter', 'clip_grad', 'start_epoch', 'save_ckpt_steps']
     for name in non_negative:
         value = getattr(args, name)
         if value is not None and value < 0:
@@ -256,22 +258,12 @@ def uses_mixup(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-class ShardSampler(Sampler):
-    """Every ``world_size``-th index starting at ``rank``: the shards cover the dataset exactly once
-    (unlike DistributedSampler, which repeats samples to even the shards out)."""
-
-    def __init__(self, dataset_size: int, rank: int, world_size: int):
-        self.indices = range(rank, dataset_size, world_size)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def build_loaders(args: argparse.Namespace):
-    """Datasets, samplers and loaders; sets ``args.nb_classes`` from the data."""
+    """Datasets, samplers and loaders; sets ``args.nb_classes`` from the data.
+
+    The loaders draw their worker seeds from their own generators, never from the global random
+    state, so that the data order and augmentation depend only on the seed, epoch and rank.
+    """
     dataset_train = dataset_val = None
     class_counts = set()
     if not args.eval:
@@ -286,22 +278,20 @@ def build_loaders(args: argparse.Namespace):
     args.nb_classes = class_counts.pop()
     rank, world_size = utils.get_rank(), utils.get_world_size()
     loader_args = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'))
-    loader_train = loader_val = sampler_train = None
+    loader_train = loader_val = None
     if dataset_train is not None:
         if len(dataset_train) < args.batch_size * world_size:
             raise UserError(f'{len(dataset_train)} training images are fewer than one batch '
                             f'({args.batch_size} x {world_size} processes); lower --batch_size.')
-        # seeded shuffling, also in a single process: the data order depends only on seed and epoch
-        sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                           seed=args.seed)
-        loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                  drop_last=True, **loader_args)
+        sampler = EpochSampler(dataset_train, num_replicas=world_size, rank=rank, seed=args.seed)
+        loader_train = DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size, drop_last=True,
+                                  generator=torch.Generator(), **loader_args)
     if dataset_val is not None:
-        sampler_val = ShardSampler(len(dataset_val), rank, world_size) if args.distributed else \
+        sampler = ShardSampler(len(dataset_val), rank, world_size) if args.distributed else \
             SequentialSampler(dataset_val)
-        loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
-                                drop_last=False, **loader_args)
-    return loader_train, sampler_train, loader_val
+        loader_val = DataLoader(dataset_val, sampler=sampler, batch_size=int(1.5 * args.batch_size),
+                                drop_last=False, generator=torch.Generator().manual_seed(0), **loader_args)
+    return loader_train, loader_val
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -311,13 +301,17 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def load_checkpoint(path: str, args: argparse.Namespace):
-    """A checkpoint file and its weights (looked up under ``--model_key``, then the usual places)."""
-    checkpoint = utils.load_checkpoint_file(path, trust=args.trust_checkpoint)
+def weights_of(checkpoint: Any, path: str, args: argparse.Namespace) -> Dict[str, torch.Tensor]:
+    """The weights of a loaded checkpoint, looked up under ``--model_key``, then the usual places."""
     keys = dict.fromkeys([k for k in args.model_key.split('|') if k] + list(utils.STATE_DICT_KEYS))
-    state_dict = utils.extract_state_dict(checkpoint, keys=list(keys), prefix=args.model_prefix,
-                                          source=f'checkpoint {path}')
-    return checkpoint, state_dict
+    return utils.extract_state_dict(checkpoint, keys=list(keys), prefix=args.model_prefix,
+                                    source=f'checkpoint {path}')
+
+
+def load_checkpoint(path: str, args: argparse.Namespace):
+    """A checkpoint file (loaded safely unless --trust_checkpoint) and its weights."""
+    checkpoint = utils.load_checkpoint_file(path, trust=args.trust_checkpoint)
+    return checkpoint, weights_of(checkpoint, path, args)
 
 
 def load_finetune_weights(model: nn.Module, args: argparse.Namespace) -> None:
@@ -349,33 +343,64 @@ def build_mixup(args: argparse.Namespace) -> Optional[Mixup]:
 
 
 class RunState:
-    """Model, optimizer, scaler and EMA of a run, saved to and restored from checkpoints."""
+    """Everything that determines the rest of a run, saved to and restored from checkpoints:
+    model, optimizer, scaler, EMA, position (epoch and step), best accuracies, temperature and the
+    random states of every process."""
 
     def __init__(self, args, model, optimizer, scaler, model_ema):
         self.args, self.model, self.optimizer, self.scaler, self.model_ema = args, model, optimizer, scaler, model_ema
-        # the attention temperature the weights were last trained at; evaluation uses it
-        self.temperature = 0.0
+        self.temperature = 0.0  # the attention temperature the weights were last trained at
+        self.max_accuracy = self.max_accuracy_ema = 0.0
+        self.start_step = 0  # optimizer steps already done in the epoch training resumes in
+        self.last_saved: Optional[Path] = None
 
-    def save(self, epoch: int, name: str) -> None:
+    def save(self, epoch: int, name: str, step: Optional[int] = None) -> None:
+        """Write ``checkpoint-<name>.pth``; ``step`` marks a checkpoint taken part-way through ``epoch``.
+
+        Every process must call it: the random states of all processes are gathered."""
+        rng_states = utils.all_gather_objects(utils.capture_rng_state())
         if not utils.is_main_process():
             return
         checkpoint = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'epoch': epoch,
-                      'scaler': self.scaler.state_dict(), 'args': self.args, 'temperature': self.temperature}
+                      'step': step, 'scaler': self.scaler.state_dict(), 'args': self.args,
+                      'temperature': self.temperature, 'max_accuracy': self.max_accuracy,
+                      'max_accuracy_ema': self.max_accuracy_ema, 'rng_states': rng_states}
         if self.model_ema is not None:
             checkpoint['model_ema'] = self.model_ema.module.state_dict()
         output_dir = Path(self.args.output_dir)
-        utils.save_checkpoint(checkpoint, output_dir / f'checkpoint-{name}.pth')
-        for _, old in utils.numbered_checkpoints(output_dir)[:-self.args.save_ckpt_num]:
-            old.unlink(missing_ok=True)
+        path = output_dir / f'checkpoint-{name}.pth'
+        utils.save_checkpoint(checkpoint, path)
+        if name != 'best':
+            self.last_saved = path
+            self._prune(output_dir)
 
-    def resume(self, path: str) -> None:
-        """Load weights (all that ``--eval`` needs) and, for training, the optimizer, scaler, EMA and epoch."""
+    def _prune(self, output_dir: Path) -> None:
+        """Keep the newest ``--save_ckpt_num`` epoch checkpoints and the step checkpoint, if any,
+        that is newer than all of them."""
+        found = utils.run_checkpoints(output_dir)
+        epochs = [(position, path) for position, path in found if position[1] == 0]
+        steps = [(position, path) for position, path in found if position[1] > 0]
+        stale = epochs[:-self.args.save_ckpt_num] + steps[:-1]
+        if steps and epochs and steps[-1][0] < epochs[-1][0]:
+            stale.append(steps[-1])
+        for _, path in stale:
+            path.unlink(missing_ok=True)
+
+    def resume(self, path: str, checkpoint: Optional[Dict[str, Any]] = None) -> None:
+        """Load weights (all ``--eval`` needs) and, for training, everything else the checkpoint has."""
         args = self.args
-        checkpoint, state_dict = load_checkpoint(path, args)
-        utils.load_model_weights(self.model, state_dict, source=f'--resume {path}')
+        if checkpoint is None:
+            checkpoint, state_dict = load_checkpoint(path, args)
+        else:
+            state_dict = weights_of(checkpoint, path, args)
+        saved_args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+        if getattr(saved_args, 'model', args.model) != args.model:
+            raise UserError(f'{path} is a checkpoint of {saved_args.model}, not {args.model}; resume it with '
+                            f'--model {saved_args.model}, or use another --output_dir (or --auto_resume false).')
+        utils.load_model_weights(self.model, state_dict, source=f'checkpoint {path}')
         # released checkpoints carry no temperature: they are fully trained (temperature 0)
-        self.temperature = float(checkpoint.get('temperature', 0.0)) if isinstance(checkpoint, dict) else 0.0
-        print(f'Resumed weights from {path}')
+        self.temperature = float(checkpoint.get('temperature', 0.0))
+        print(f'Loaded weights from {path}')
         if args.eval or not isinstance(checkpoint.get('epoch'), int) or 'optimizer' not in checkpoint:
             return
         self.optimizer.load_state_dict(checkpoint['optimizer'])
@@ -383,8 +408,31 @@ class RunState:
             self.scaler.load_state_dict(checkpoint['scaler'])
         if self.model_ema is not None and 'model_ema' in checkpoint:
             self.model_ema.module.load_state_dict(checkpoint['model_ema'])
-        args.start_epoch = checkpoint['epoch'] + 1
-        print(f'Continuing training at epoch {args.start_epoch}')
+        self.max_accuracy = checkpoint.get('max_accuracy', 0.0)
+        self.max_accuracy_ema = checkpoint.get('max_accuracy_ema', 0.0)
+        step = checkpoint.get('step')
+        args.start_epoch, self.start_step = (checkpoint['epoch'], step) if step else (checkpoint['epoch'] + 1, 0)
+        rng_states = checkpoint.get('rng_states')
+        if rng_states and len(rng_states) == utils.get_world_size():
+            utils.restore_rng_state(rng_states[utils.get_rank()])
+        elif rng_states:
+            print(f'Warning: {path} holds the random states of {len(rng_states)} processes, not '
+                  f'{utils.get_world_size()}: random augmentation will not repeat the interrupted run exactly.')
+        self.last_saved = Path(path)
+        where = f'epoch {args.start_epoch}' + (f', after step {self.start_step}' if self.start_step else '')
+        print(f'Continuing training at {where}')
+
+    def auto_resume(self, output_dir: Path) -> None:
+        """Resume from the newest readable checkpoint of ``output_dir``, skipping corrupt ones."""
+        for _, path in reversed(utils.run_checkpoints(output_dir)):
+            try:
+                checkpoint = utils.load_checkpoint_file(path, trust=self.args.trust_checkpoint)
+            except CheckpointError as error:
+                print(f'Warning: skipping {path}: {error}')
+                continue
+            self.args.resume = str(path)
+            self.resume(str(path), checkpoint)
+            return
 
 
 def resolve_device(args: argparse.Namespace) -> None:
@@ -410,7 +458,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     seed_everything(args.seed + utils.get_rank())
     cudnn.benchmark = True
 
-    loader_train, sampler_train, loader_val = build_loaders(args)
+    loader_train, loader_val = build_loaders(args)
     model = build_model(args).to(device)
     model_ema = None
     if args.model_ema:
@@ -425,12 +473,10 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     state = RunState(args, model_without_ddp, optimizer, scaler, model_ema)
 
     output_dir = Path(args.output_dir) if args.output_dir else None
-    if args.auto_resume and not args.resume and output_dir is not None:
-        found = utils.numbered_checkpoints(output_dir)
-        if found:
-            args.resume = str(found[-1][1])
     if args.resume:
         state.resume(args.resume)
+    elif args.auto_resume and output_dir is not None and not args.eval:
+        state.auto_resume(output_dir)
     print(f'Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {args.nb_classes} classes')
 
     if args.eval:
@@ -441,12 +487,21 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     if utils.is_main_process():
         if output_dir is not None:
             output_dir.mkdir(parents=True, exist_ok=True)
+            utils.remove_stale_temporaries(output_dir)
         if args.log_dir:
             from tensorboardX import SummaryWriter
             log_writer = SummaryWriter(logdir=args.log_dir)
+    return train(args, model, state, loader_train, loader_val, device, amp_dtype, log_writer, n_parameters)
 
+
+def train(args, model, state: RunState, loader_train, loader_val, device, amp_dtype, log_writer,
+          n_parameters: int) -> Dict[str, float]:
+    """The epochs from ``args.start_epoch`` on: train, checkpoint, evaluate, log."""
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    saving = output_dir is not None and args.save_ckpt
+    iters_per_epoch = loader_train.sampler.num_samples // args.batch_size
+    steps_per_epoch = iters_per_epoch // args.update_freq
     total_batch = args.batch_size * args.update_freq * utils.get_world_size()
-    steps_per_epoch = len(loader_train) // args.update_freq
     print(f'Total batch {total_batch}, {steps_per_epoch} optimizer steps per epoch, lr {args.lr}')
     lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch,
                                          args.warmup_epochs, warmup_steps=args.warmup_steps)
@@ -456,35 +511,46 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     mixup_fn = build_mixup(args)
 
     def temperature_fn(epoch: int, data_iter_step: int) -> float:
-        return get_temperature(data_iter_step, epoch, len(loader_train), args.temp_epoch, args.temp_init_value)
+        return get_temperature(data_iter_step, epoch, iters_per_epoch, args.temp_epoch, args.temp_init_value)
 
-    max_accuracy, max_accuracy_ema = 0.0, 0.0
+    def step_callback(epoch: int, steps_done: int) -> None:
+        if saving and args.save_ckpt_steps and steps_done % args.save_ckpt_steps == 0 \
+                and steps_done < steps_per_epoch:
+            state.save(epoch, f'{epoch}-step{steps_done}', step=steps_done)
+
     test_stats: Dict[str, float] = {}
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        sampler_train.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch, scaler, amp_dtype, args.update_freq,
-            args.clip_grad, model_ema, mixup_fn, log_writer, lr_schedule, wd_schedule, temperature_fn,
-            args.print_freq)
+        start_step = state.start_step if epoch == args.start_epoch else 0
+        loader_train.sampler.set_epoch(epoch, start_index=start_step * args.update_freq * args.batch_size)
+        loader_train.generator.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + utils.get_rank())
+        try:
+            train_stats = train_one_epoch(
+                model, criterion, loader_train, optimizer=state.optimizer, device=device, epoch=epoch,
+                scaler=state.scaler, amp_dtype=amp_dtype, update_freq=args.update_freq, max_norm=args.clip_grad,
+                model_ema=state.model_ema, mixup_fn=mixup_fn, log_writer=log_writer, lr_schedule=lr_schedule,
+                wd_schedule=wd_schedule, temperature_fn=temperature_fn, print_freq=args.print_freq,
+                iters_per_epoch=iters_per_epoch, start_step=start_step, step_callback=step_callback)
+        except NonFiniteLossError as error:
+            last = f'the last good checkpoint is {state.last_saved}' if state.last_saved else 'no checkpoint was saved'
+            raise UserError(f'{error} Nothing was saved after it; {last}.') from None
         state.temperature = train_stats['temperature']
-        if output_dir is not None and args.save_ckpt and (
-                (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+        if saving and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
             state.save(epoch, str(epoch))
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}}
+        log_stats = {f'train_{k}': v for k, v in train_stats.items()}
         if loader_val is not None:
             test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, state.temperature)
-            if test_stats['acc1'] > max_accuracy:
-                max_accuracy = test_stats['acc1']
-                if output_dir is not None and args.save_ckpt:
+            if test_stats['acc1'] > state.max_accuracy:
+                state.max_accuracy = test_stats['acc1']
+                if saving:
                     state.save(epoch, 'best')
-            print(f'Max accuracy: {max_accuracy:.2f}%')
+            print(f'Max accuracy: {state.max_accuracy:.2f}%')
             log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
-            if model_ema is not None and args.model_ema_eval:
-                ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, args.print_freq,
+            if state.model_ema is not None and args.model_ema_eval:
+                ema_stats = evaluate(loader_val, state.model_ema.module, device, amp_dtype, args.print_freq,
                                      state.temperature)
-                max_accuracy_ema = max(max_accuracy_ema, ema_stats['acc1'])
-                print(f'Max EMA accuracy: {max_accuracy_ema:.2f}%')
+                state.max_accuracy_ema = max(state.max_accuracy_ema, ema_stats['acc1'])
+                print(f'Max EMA accuracy: {state.max_accuracy_ema:.2f}%')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
             if log_writer is not None:
                 for key in ('acc1', 'acc5', 'loss'):
@@ -498,16 +564,26 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     return test_stats
 
 
+def user_message(error: Exception) -> str:
+    """The one-sentence message of a user error, also when a DataLoader worker re-raised it (with the
+    worker's traceback folded into the message)."""
+    text = str(error).strip()
+    if 'Original Traceback' in text:
+        text = text.splitlines()[-1].split(': ', 1)[-1]
+    return text
+
+
 def run(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     try:
         main(args)
     except (UserError, CheckpointError) as error:
-        print(f'error: {error}', file=sys.stderr)
+        # Exit at once: under torchrun the other processes are stopped by the launcher instead of
+        # waiting for this one in a collective.
+        print(f'error: {user_message(error)}', file=sys.stderr, flush=True)
         sys.exit(1)
-    finally:
-        if utils.is_dist():
-            torch.distributed.destroy_process_group()
+    if utils.is_dist():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -28,4 +28,7 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.
             raise UserError(f'--layer_decay is supported for the ConvNeXt models only, not {args.model}; '
                             f'leave it at 1.0.')
         kwargs['layer_decay'] = args.layer_decay
-    return create_optimizer_v2(model, **kwargs)
+    try:
+        return create_optimizer_v2(model, **kwargs)
+    except ValueError as error:  # e.g. timm's "sgd" is Nesterov SGD, which needs momentum > 0
+        raise UserError(f'cannot create optimizer {args.opt!r}: {error}; check --opt and its options.') from None

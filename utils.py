@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import pickle
+import random
 import re
 import time
 import zipfile
@@ -309,7 +310,8 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, steps_p
 # Checkpoint files of a run
 # ----------------------------------------------------------------------------------------------
 
-CHECKPOINT_PATTERN = re.compile(r'checkpoint-(\d+)\.pth$')
+# checkpoint-<epoch>.pth after a whole epoch, checkpoint-<epoch>-step<k>.pth after k optimizer steps of it
+CHECKPOINT_PATTERN = re.compile(r'^checkpoint-(\d+)(?:-step(\d+))?\.pth$')
 
 
 def save_checkpoint(obj: Any, path: PathLike) -> None:
@@ -329,11 +331,54 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
                         f'choose another --output_dir.') from None
 
 
-def numbered_checkpoints(output_dir: PathLike) -> List[Tuple[int, Path]]:
-    """``(epoch, path)`` of the ``checkpoint-<epoch>.pth`` files in ``output_dir``, oldest first."""
+def remove_stale_temporaries(output_dir: PathLike) -> None:
+    """Delete the temporary files of saves that were killed half-way."""
+    for path in Path(output_dir).glob('.checkpoint-*.pth.tmp-*'):
+        path.unlink(missing_ok=True)
+
+
+def run_checkpoints(output_dir: PathLike) -> List[Tuple[Tuple[int, int], Path]]:
+    """The run's checkpoints with the position training continues from, oldest first.
+
+    The position is ``(epoch, optimizer steps already done in it)``: ``(e + 1, 0)`` for
+    ``checkpoint-<e>.pth``, ``(e, k)`` for ``checkpoint-<e>-step<k>.pth``.
+    """
     found = []
     for path in Path(output_dir).glob('checkpoint-*.pth'):
-        match = CHECKPOINT_PATTERN.search(path.name)
+        match = CHECKPOINT_PATTERN.match(path.name)
         if match:
-            found.append((int(match.group(1)), path))
+            epoch, step = int(match.group(1)), match.group(2)
+            found.append(((epoch + 1, 0) if step is None else (epoch, int(step)), path))
     return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state
+# ----------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> Dict[str, Any]:
+    """The Python, NumPy and torch (CPU and CUDA) random states, in types a safe load accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+             'numpy': (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state['python'])
+    torch.set_rng_state(state['torch'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """``obj`` of every process, in rank order (a one-element list in a single process)."""
+    if not is_dist():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
