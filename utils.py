@@ -39,6 +39,10 @@ SAFE_CHECKPOINT_GLOBALS = [
                                                       'Int32', 'Int64', 'UInt8', 'UInt16', 'UInt32', 'UInt64')),
 ]
 
+# Registered for the whole process (not in a ``safe_globals`` block, which removes its entries on
+# exit, including ones that other code, e.g. the detection plugin, registered too).
+torch.serialization.add_safe_globals(SAFE_CHECKPOINT_GLOBALS)
+
 # Where checkpoints keep the weights, in order of preference.
 STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'module')
 
@@ -46,8 +50,9 @@ STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'module')
 def load_checkpoint_file(path: PathLike, trust: bool = False, map_location: Any = 'cpu') -> Dict[str, Any]:
     """Load a checkpoint without letting it run code.
 
-    Uses ``torch.load(weights_only=True)`` with :data:`SAFE_CHECKPOINT_GLOBALS` allowed. A file that
-    needs arbitrary code to unpickle is refused unless ``trust`` is set.
+    Uses ``torch.load(weights_only=True)``, which allows :data:`SAFE_CHECKPOINT_GLOBALS` besides
+    tensors and containers. A file that needs arbitrary code to unpickle is refused unless ``trust``
+    is set.
     """
     path = Path(path)
     if not path.is_file():
@@ -55,8 +60,7 @@ def load_checkpoint_file(path: PathLike, trust: bool = False, map_location: Any 
     try:
         if trust:
             return torch.load(path, map_location=map_location, weights_only=False)
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if 'GLOBAL' in str(error):  # the unpickler met a class or function it does not allow
             raise CheckpointError(

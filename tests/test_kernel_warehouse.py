@@ -238,3 +238,11 @@ def test_reserve_after_store_is_refused():
 def test_unknown_layer_type():
     with pytest.raises(ValueError, match='layer_type'):
         WarehouseManager().reserve(8, 8, 3, layer_type='conv4d')
+
+
+def test_cell_overflow_names_warehouse_and_layer():
+    # two 1x1 layers of one mixture each: 1/2x gives one cell, and the second layer's prior needs another
+    with pytest.raises(ValueError, match=r"warehouse 'a_layer' has 1 cells but its layers claim more "
+                                         r"\(layer 'kw_layers.1' overflows it\) with cell_num_ratio 0.5"):
+        KWNet([_spec(8, 8, 1, name='a_layer0'), _spec(8, 8, 1, name='a_layer1')], sharing_range='layer',
+              cell_num_ratio=0.5)

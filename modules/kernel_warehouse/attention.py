@@ -8,6 +8,10 @@ from torch import nn
 L1_EPS = 1e-3
 
 
+class CellOverflowError(ValueError):
+    """A layer's prior claims cells beyond the end of its warehouse."""
+
+
 def set_temperature(module: nn.Module, temperature: float) -> None:
     """Set the temperature of every KW attention inside ``module`` (see KW-SPEC section 3)."""
     for m in module.modules():
@@ -78,16 +82,23 @@ class Attention(nn.Module):
         """Build the one-hot prior of this layer's mixtures; returns the layer's end cell index."""
         self.temperature_prior.zero_()
         planes = self.planes_per_mixture
+        num_cells = planes - 1
+
+        def claim(j: int, cell: int) -> None:
+            if cell >= num_cells:
+                raise CellOverflowError(f'the prior needs cell {cell} of a warehouse of {num_cells} cells')
+            self.temperature_prior[j * planes + cell] = 1
+
         if cell_num_ratio >= 1.0:
             step = int(cell_num_ratio)
             for j in range(self.num_mixtures):
-                self.temperature_prior[j * planes + start_cell_idx] = 1
+                claim(j, start_cell_idx)
                 start_cell_idx += step
         else:
             mixtures_per_cell = int(1.0 / cell_num_ratio)
             for j in range(self.num_mixtures):
                 if j % mixtures_per_cell == (j // mixtures_per_cell) % mixtures_per_cell:
-                    self.temperature_prior[j * planes + start_cell_idx] = 1
+                    claim(j, start_cell_idx)
                     start_cell_idx += 1
                 else:
                     self.temperature_prior[j * planes + planes - 1] = 1  # the zero cell

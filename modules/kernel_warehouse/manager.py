@@ -6,6 +6,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import nn
 
+from .attention import CellOverflowError
 from .conv import IntOrTuple, KWConv1d, KWConv2d, KWConv3d, KWConvNd, KWLinear, _ntuple
 
 PerWarehouse = Union[float, Sequence[float]]
@@ -224,24 +225,31 @@ class WarehouseManager(nn.Module):
         if not len(self.weights) and self.warehouse_list:
             raise RuntimeError('allocate() called before store().')
         end_idxs = [0] * len(self.weights)
-        for layer in network.modules():
+        for path, layer in network.named_modules():
             if not isinstance(layer, KWConvNd) or layer.warehouse_manager is not self:
                 continue
             idx = layer.warehouse_id
             cells = self.weights[idx]
             start = end_idxs[idx]
-            end = layer.init_attention(cells, start, self.reduction[idx], self.cell_num_ratio[idx],
-                                       self.norm_layer, self.nonlocal_basis_ratio)
-            if start < end <= cells.shape[0]:  # an overflow is reported below
+            try:
+                end = layer.init_attention(cells, start, self.reduction[idx], self.cell_num_ratio[idx],
+                                           self.norm_layer, self.nonlocal_basis_ratio)
+            except CellOverflowError:
+                raise ValueError(self._cell_count_message(idx, 'more', f' (layer {path!r} overflows it)')) from None
+            if start < end:
                 with torch.no_grad():
                     init_weights(cells[start:end].view(-1, *cells.shape[2:]))
             end_idxs[idx] = end
-        for idx, (name, end) in enumerate(zip(self.warehouse_names, end_idxs)):
+        for idx, end in enumerate(end_idxs):
             if end != self.weights[idx].shape[0]:
-                raise ValueError(
-                    f'warehouse {name!r} has {self.weights[idx].shape[0]} cells but its layers claim {end} '
-                    f'with cell_num_ratio {self.cell_num_ratio[idx]}: use a whole number >= 1 or 1/k '
-                    f'(0.5, 0.25, ...), and make sure every reserved KW layer is part of the network.')
+                raise ValueError(self._cell_count_message(idx, str(end)))
+
+    def _cell_count_message(self, idx: int, claimed: str, where: str = '') -> str:
+        return (f'warehouse {self.warehouse_names[idx]!r} has {self.weights[idx].shape[0]} cells but its layers '
+                f'claim {claimed}{where} with cell_num_ratio {self.cell_num_ratio[idx]}: use a whole number >= 1 '
+                f'or 1/k (0.5, 0.25, ...) that suits the layers (the released 1/2x and 1/4x configs also halve '
+                f'cell_inplane_ratio and cell_outplane_ratio), and make sure every reserved KW layer is part of '
+                f'the network.')
 
     def take_cell(self, warehouse_idx: int) -> torch.Tensor:
         return self.weights[warehouse_idx]
