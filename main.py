@@ -37,9 +37,9 @@ from utils import CheckpointError, UserError, str2bool
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('KernelWarehouse training and evaluation', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
     add = parser.add_argument
     add('--kw_config', default=None, type=str, help='JSON file of option defaults; explicit flags override it')
     add('--batch_size', default=64, type=int, help='per-process batch size')
@@ -232,21 +232,34 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f'--batch_size must be even with mixup/cutmix in batch mode, got {args.batch_size}.')
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Command line over config file over built-in defaults."""
-    parser = get_args_parser()
-    known, _ = parser.parse_known_args(argv)
+def parse_args(argv: Optional[List[str]] = None,
+               tool_parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Command line over config file over built-in defaults.
+
+    The tools (``tools/*.py``) pass their own parser: this one reads main.py's options from
+    ``argv`` with the same config file and checks, the tool's parser reads the rest (its own
+    options and positionals, ``--help``) and reports the errors; the namespace holds both.
+    """
+    parser = get_args_parser(add_help=tool_parser is None)
+    if tool_parser is not None:
+        # a tool's option must not pass for an abbreviation of ours, nor an error print our usage
+        parser.allow_abbrev = parser.exit_on_error = False
     try:
+        known, _ = parser.parse_known_args(argv)
         if known.kw_config:
             parser.set_defaults(**load_config_defaults(parser, known.kw_config))
-        args = parser.parse_args(argv)
+        if tool_parser is None:
+            args = parser.parse_args(argv)
+        else:
+            args, rest = parser.parse_known_args(argv)
+            vars(args).update(vars(tool_parser.parse_args(rest)))
         if args.sharing_range is not None:  # "layer_conv" and "layer conv" mean the same
             args.sharing_range = '_'.join(args.sharing_range)
         if args.aa is not None and args.aa.lower() in ('', 'none'):  # --aa none: no auto-augment
             args.aa = None
         check_args(args)
-    except UserError as error:
-        parser.error(str(error))
+    except (UserError, argparse.ArgumentError) as error:
+        (tool_parser or parser).error(str(error))
     return args
 
 
@@ -350,7 +363,8 @@ class RunState:
     def __init__(self, args, model, optimizer, scaler, model_ema):
         self.args, self.model, self.optimizer, self.scaler, self.model_ema = args, model, optimizer, scaler, model_ema
         self.temperature = 0.0  # the attention temperature the weights were last trained at
-        self.max_accuracy = self.max_accuracy_ema = 0.0
+        # below any accuracy, so that the first evaluation always writes checkpoint-best.pth
+        self.max_accuracy = self.max_accuracy_ema = -1.0
         self.start_step = 0  # optimizer steps already done in the epoch training resumes in
         self.last_saved: Optional[Path] = None
 
@@ -386,8 +400,8 @@ class RunState:
         for _, path in stale:
             path.unlink(missing_ok=True)
 
-    def resume(self, path: str, checkpoint: Optional[Dict[str, Any]] = None) -> None:
-        """Load weights (all ``--eval`` needs) and, for training, everything else the checkpoint has."""
+    def load_weights(self, path: str, checkpoint: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Load the weights and the temperature (all ``--eval`` and the tools need); returns the checkpoint."""
         args = self.args
         if checkpoint is None:
             checkpoint, state_dict = load_checkpoint(path, args)
@@ -401,6 +415,12 @@ class RunState:
         # released checkpoints carry no temperature: they are fully trained (temperature 0)
         self.temperature = float(checkpoint.get('temperature', 0.0))
         print(f'Loaded weights from {path}')
+        return checkpoint
+
+    def resume(self, path: str, checkpoint: Optional[Dict[str, Any]] = None) -> None:
+        """Load weights (all ``--eval`` needs) and, for training, everything else the checkpoint has."""
+        args = self.args
+        checkpoint = self.load_weights(path, checkpoint)
         if args.eval or not isinstance(checkpoint.get('epoch'), int) or 'optimizer' not in checkpoint:
             return
         self.optimizer.load_state_dict(checkpoint['optimizer'])
@@ -408,8 +428,8 @@ class RunState:
             self.scaler.load_state_dict(checkpoint['scaler'])
         if self.model_ema is not None and 'model_ema' in checkpoint:
             self.model_ema.module.load_state_dict(checkpoint['model_ema'])
-        self.max_accuracy = checkpoint.get('max_accuracy', 0.0)
-        self.max_accuracy_ema = checkpoint.get('max_accuracy_ema', 0.0)
+        self.max_accuracy = checkpoint.get('max_accuracy', -1.0)
+        self.max_accuracy_ema = checkpoint.get('max_accuracy_ema', -1.0)
         step = checkpoint.get('step')
         args.start_epoch, self.start_step = (checkpoint['epoch'], step) if step else (checkpoint['epoch'] + 1, 0)
         rng_states = checkpoint.get('rng_states')
@@ -433,6 +453,24 @@ class RunState:
             self.args.resume = str(path)
             self.resume(str(path), checkpoint)
             return
+
+
+def build_inference_model(args: argparse.Namespace) -> nn.Module:
+    """The model ``--eval`` evaluates, for the tools: built from ``args`` with the weights of
+    ``--resume`` (if given), in eval mode at the temperature ``--eval`` uses (the checkpoint's; 0
+    without one). A checkpoint of ours fixes the class count, which main.py takes from the data
+    (10 for DIGITS), not from ``--nb_classes``."""
+    checkpoint = utils.load_checkpoint_file(args.resume, trust=args.trust_checkpoint) if args.resume else None
+    saved_args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    if isinstance(getattr(saved_args, 'nb_classes', None), int):
+        args.nb_classes = saved_args.nb_classes
+    model = build_model(args)
+    state = RunState(args, model, optimizer=None, scaler=None, model_ema=None)
+    if checkpoint is not None:
+        state.load_weights(args.resume, checkpoint)
+    model.eval()
+    model.net_update_temperature(state.temperature)
+    return model
 
 
 def resolve_device(args: argparse.Namespace) -> None:

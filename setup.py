@@ -1,6 +1,10 @@
 """KernelWarehouse: a faithful, modern PyTorch reimplementation (ICML 2024, Li and Yao)."""
 from setuptools import find_packages, setup
 
+# tools/plot_logs.py (matplotlib) and tools/export_onnx.py (torch.onnx's dynamo exporter needs onnx and
+# onnxscript; the exported model is checked with onnxruntime)
+TOOLS_REQUIRES = ['matplotlib', 'onnx', 'onnxscript', 'onnxruntime']
+
 setup(
     name='kernelwarehouse',
     version='0.1.0',
@@ -19,5 +23,8 @@ setup(
         'numpy',
         'scikit-learn',  # the DIGITS demo dataset
     ],
-    extras_require={'test': ['pytest']},
+    extras_require={
+        'tools': TOOLS_REQUIRES,
+        'test': ['pytest', *TOOLS_REQUIRES],  # the tests run the tools too
+    },
 )

@@ -1,5 +1,4 @@
 """Runs that survive kills, bad input and untrusted checkpoints without losing work (CPU)."""
-import json
 import os
 import random
 import signal

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import functional
 from .attention import Attention
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ class KWConvNd(nn.Module):
 
     It holds no kernel of its own: only an optional bias and, after allocation, its attention.
     The manager is referenced, not registered, so that the shared warehouse parameters appear
-    once in the model's state dict (as ``warehouse_manager.weights.N``).
+    once in the model's state dict (as ``warehouse_manager.weights.N``). The convolution runs the
+    original release's algorithm or the GEMM path, whichever :mod:`.functional` chooses.
     """
     dimension: int = 0
     conv_fn: Callable = None
@@ -86,6 +88,9 @@ class KWConvNd(nn.Module):
             start_cell_idx=start_cell_idx)
         self.start_cell_idx = start_cell_idx
         self.end_cell_idx = self.attention.init_temperature(start_cell_idx, cell_num_ratio)
+        self.geometry = functional.KWConvGeometry(
+            self.in_planes, self.out_planes, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, self.cell_shape, self.groups_out_channel, self.groups_in_channel, self.groups_spatial)
         return self.end_cell_idx
 
     def assemble_kernels(self, mixture_weights: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -98,15 +103,25 @@ class KWConvNd(nn.Module):
         kernels = kernels.permute(*self.kernel_permutation)
         return kernels.reshape(-1, self.in_planes // self.groups, *self.kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_conv(self, x: torch.Tensor, mixture_weights: torch.Tensor) -> torch.Tensor:
+        """The original release's algorithm (no bias): per-sample kernels, one grouped convolution."""
         batch_size = x.shape[0]
-        mixture_weights = self.attention(x).to(x.dtype)
         kernels = self.assemble_kernels(mixture_weights, batch_size)
         # Batch folded into channels: one grouped convolution applies each sample's own kernel.
         out = type(self).conv_fn(
             x.reshape(1, -1, *x.shape[2:]), kernels, None, self.stride, self.padding, self.dilation,
             self.groups * batch_size)
-        out = out.reshape(batch_size, self.out_planes, *out.shape[2:])
+        return out.reshape(batch_size, self.out_planes, *out.shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixture_weights = self.attention(x).to(x.dtype)
+        implementation = functional.choose_implementation(self.geometry, x)
+        if implementation == 'reference':
+            out = self.reference_conv(x, mixture_weights)
+        else:
+            cells = self.warehouse_manager.take_cell(self.warehouse_id)
+            conv = functional.gemm_conv if implementation == 'gemm' else functional.input_mix_conv
+            out = conv(x, mixture_weights, cells, self.geometry)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).reshape(1, -1, *([1] * self.dimension))
         return out

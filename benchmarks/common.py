@@ -1,0 +1,125 @@
+"""Helpers shared by the benchmark scripts: device description, timing, peak memory, argument lists."""
+import ctypes
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # run from anywhere without installing
+
+# Autocast dtypes by name; 'fp32' runs without autocast.
+DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def int_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(',') if v]
+    except ValueError:
+        raise SystemExit(f'error: expected comma-separated integers, got {text!r}')
+
+
+def name_list(text: str, choices=None, what: str = 'value') -> List[str]:
+    names = [v.strip() for v in text.split(',') if v.strip()]
+    unknown = [n for n in names if choices is not None and n not in choices]
+    if unknown or not names:
+        raise SystemExit(f'error: unknown {what} {", ".join(unknown) or repr(text)}; choose from {", ".join(choices)}')
+    return names
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('error: --device cuda was asked for but no CUDA device is available; use --device cpu')
+    return device
+
+
+def setup_device(args) -> torch.device:
+    """Apply ``--threads`` (if given) and resolve ``--device``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return f'{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}'
+    model = platform.processor() or 'unknown CPU'
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads'
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_per_call(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` over ``iters`` back-to-back calls (CUDA-synchronised)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def median(values: List[float]) -> float:
+    return statistics.median(values)
+
+
+class _CpuPeakMemory:
+    """Rise of the process's peak resident memory during a call (Linux, glibc).
+
+    Free heap memory is handed back first (``malloc_trim``) so that the call's allocations show up
+    as new resident pages, then the kernel's high-water mark is reset (``clear_refs`` 5).
+    """
+
+    def __init__(self):
+        self.libc = ctypes.CDLL('libc.so.6')
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+    def __call__(self, fn: Callable[[], object]) -> int:
+        self.libc.malloc_trim(0)
+        baseline = self._status_kib('VmRSS:')
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        fn()
+        return (self._status_kib('VmHWM:') - baseline) * 1024
+
+
+def peak_memory_function(device: torch.device) -> Optional[Callable[[Callable[[], object]], int]]:
+    """A function returning the peak memory (bytes) a call of ``fn`` needs, or ``None`` if not measurable."""
+    if device.type == 'cuda':
+        def cuda_peak(fn):
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            fn()
+            synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - before
+        return cuda_peak
+    try:
+        measure = _CpuPeakMemory()
+        measure(lambda: None)
+        return measure
+    except (OSError, AttributeError, StopIteration):
+        return None
+
+
+def format_bytes(value: Optional[int]) -> str:
+    return 'n/a' if value is None else f'{value / 2 ** 30:.2f} GiB'

@@ -1,0 +1,378 @@
+"""How a KW convolution is computed: the reference algorithm, a GEMM fast path, and the switch.
+
+Both algorithms compute KW-SPEC section 4 from the mixture weights ``a`` (``[B * m, n]``) and the
+warehouse cells ``E`` (``[n, cell_out, cell_in, *cell_kernel]``):
+
+* ``reference``: the original release's algorithm. Every sample's kernel is assembled
+  (``a @ E``, then reordered), the batch is folded into the channels and one grouped convolution
+  with ``B * groups`` groups applies each sample's kernel. Autograd keeps the kernels for backward.
+* ``gemm``: the input is unfolded (im2col; a view for 1x1 convolutions) and multiplied with each
+  sample's kernel by batched matrix products, inside an autograd function that keeps only the
+  input, ``a`` and ``E``. Kernels are assembled in chunks of output channels, assembled again in
+  backward, and the gradients of ``a`` and ``E`` come from the kernel gradient chunk by chunk, so
+  no tensor of all per-sample kernels (``[B, C_out, C_in / g, *k]``) is kept or, for large ones,
+  ever exists. It needs every cell inside one convolution group (:func:`supports_gemm`).
+* ``input_mix``: the mixture moves to the input side. A cell ``E_n`` is shared by all the cell
+  slots of a kernel, so output block ``o`` is ``sum_n E_n @ z[o, n]`` with
+  ``z[o, n] = sum_(s, i) a[s, o, i, n] * cols[s, i]``: no kernel is assembled at all. It costs
+  ``B * blocks_out * n * cell_in * positions * (slots per block + cell_out)`` multiply-accumulates
+  against the kernel assembly's ``B * slots * n * cell size``, so it wins where a layer's output
+  is small next to its cells (late stages at low resolution, e.g. ResNet18's last stage at 32 px:
+  1 output position, 9 taps per cell). Plain autograd; same cell condition as ``gemm``.
+
+``auto`` (the default) picks one of them per layer and input shape (:func:`choose_implementation`);
+the environment variable ``KW_IMPL`` (``auto``, ``reference``, ``gemm`` or ``input_mix``) sets the choice for the
+process, and :func:`set_implementation` / :func:`use_implementation` change it from Python.
+The ``gemm`` path supports first-order gradients only (``torch.autograd.grad(...,
+create_graph=True)`` through it raises); use ``reference`` for higher-order gradients.
+"""
+import itertools
+import math
+import os
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+IMPLEMENTATIONS = ('auto', 'reference', 'gemm', 'input_mix')
+FAST_PATHS = ('gemm', 'input_mix')
+ENV_VAR = 'KW_IMPL'
+
+
+class Tuning(NamedTuple):
+    """When the ``auto`` choice takes the GEMM path on a device type, and how it chunks.
+
+    Batches below ``min_batch`` samples keep the reference algorithm (its grouped convolution is
+    then (nearly) a plain one, and launch overheads dominate). Otherwise a k x k layer takes the
+    GEMM path when a sample's kernel has at least ``min_kernel_to_input_ratio`` times as many
+    elements as one group of its unfolded input, i.e. ``C_out / groups >= ratio * output
+    positions`` (``min_kernel_to_input_ratio_16bit`` when the convolution computes in float16 or
+    bfloat16): there the grouped convolution spends its time on the per-sample kernels while the
+    unfolded input stays small. 1x1 layers always take it (their unfolded input is the input itself).
+    """
+    min_kernel_to_input_ratio: float
+    min_kernel_to_input_ratio_16bit: float
+    min_batch: int
+    kernel_chunk_elements: int  # largest block of assembled kernels materialised at once
+    # ``input_mix`` is taken where its multiply-accumulates are below this share of the kernel
+    # assembly's plus the convolution's (its many small products run slower per MAC)
+    input_mix_max_cost_ratio: float = 0.5
+
+
+# Keyed by device type; others use 'default'. Measured with benchmarks/layers.py and
+# benchmarks/benchmark.py (README, Performance). On CUDA in 16 bits every layer of KW ResNet50 at
+# batch 128 ran faster on the GEMM path; in float32 the reference's convolutions use TF32 (cuDNN's
+# default) while the GEMM path's products are exact float32, so only kernel-dominated layers gain.
+TUNING: Dict[str, Tuning] = {
+    # input_mix: measured on KW ResNet18 (benchmarks/layers.py), it won the layers below a ratio of about 2
+    # at 224 px (batch 16) and below 1.5 at 32 px (batch 32), where one layer at 1.58 lost
+    'cpu': Tuning(min_kernel_to_input_ratio=3.0, min_kernel_to_input_ratio_16bit=3.0, min_batch=4,
+                  kernel_chunk_elements=1 << 23, input_mix_max_cost_ratio=2.0),
+    'default': Tuning(min_kernel_to_input_ratio=1.0, min_kernel_to_input_ratio_16bit=0.0, min_batch=32,
+                      kernel_chunk_elements=1 << 27),
+}
+
+
+def tuning(device_type: str) -> Tuning:
+    return TUNING.get(device_type, TUNING['default'])
+
+
+def _implementation_from_env() -> str:
+    value = os.environ.get(ENV_VAR, '').strip().lower() or 'auto'
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(f'{ENV_VAR}={value!r} is not a KW implementation: set it to one of '
+                         f'{", ".join(IMPLEMENTATIONS)} (or unset it for auto).')
+    return value
+
+
+_implementation = _implementation_from_env()
+
+
+def set_implementation(name: str) -> None:
+    """Make every KW convolution of the process use ``name`` (``auto``, ``reference`` or ``gemm``)."""
+    global _implementation
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f'unknown KW implementation {name!r}: use one of {", ".join(IMPLEMENTATIONS)}.')
+    _implementation = name
+
+
+def get_implementation() -> str:
+    return _implementation
+
+
+@contextmanager
+def use_implementation(name: str) -> Iterator[None]:
+    """Context manager: :func:`set_implementation` inside, the previous choice restored after."""
+    previous = _implementation
+    set_implementation(name)
+    try:
+        yield
+    finally:
+        set_implementation(previous)
+
+
+class KWConvGeometry(NamedTuple):
+    """Everything about a KW convolution that does not change from call to call."""
+    in_planes: int
+    out_planes: int
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    groups: int
+    cell_shape: Tuple[int, ...]  # [n, cell_out, cell_in, *cell_kernel]
+    groups_out: int
+    groups_in: int
+    groups_spatial: int
+
+    @property
+    def num_mixtures(self) -> int:
+        return self.groups_out * self.groups_in * self.groups_spatial
+
+    def output_size(self, input_size: Sequence[int]) -> Tuple[int, ...]:
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
+            input_size, self.kernel_size, self.stride, self.padding, self.dilation))
+
+
+def forward_macs(g: KWConvGeometry, batch: int, positions: int) -> Dict[str, int]:
+    """Multiply-accumulates of one forward call: kernel assembly plus convolution (``reference``
+    and ``gemm``), and ``input_mix``."""
+    n, cell_out = g.cell_shape[0], g.cell_shape[1]
+    cell_size = math.prod(g.cell_shape[1:])
+    assembly = batch * g.num_mixtures * n * cell_size
+    conv = batch * g.out_planes * g.in_planes // g.groups * math.prod(g.kernel_size) * positions
+    slots_per_block = g.groups_spatial * g.groups_in
+    input_mix = batch * g.groups_out * n * (cell_size // cell_out) * positions * (slots_per_block + cell_out)
+    return {'kernels': assembly + conv, 'input_mix': input_mix}
+
+
+def choose_implementation(geometry: KWConvGeometry, x: torch.Tensor) -> str:
+    """The algorithm a KW convolution uses for input ``x``.
+
+    A forced ``gemm`` or ``input_mix`` applies to the layers it supports (:func:`supports_gemm`);
+    the others, and every layer under ``reference``, use the reference algorithm. ``auto``
+    decides per layer: ``input_mix`` where it needs far fewer multiply-accumulates, else ``gemm``
+    or ``reference`` by the shape rule of :class:`Tuning`.
+    """
+    implementation, shape = _implementation, x.shape
+    if implementation == 'reference' or not supports_gemm(geometry):
+        return 'reference'
+    if implementation in FAST_PATHS:
+        return implementation
+    settings = tuning(x.device.type)
+    positions = math.prod(geometry.output_size(shape[2:]))
+    macs = forward_macs(geometry, shape[0], positions)
+    if macs['input_mix'] < settings.input_mix_max_cost_ratio * macs['kernels']:
+        return 'input_mix'
+    if shape[0] < settings.min_batch:
+        return 'reference'
+    if math.prod(geometry.kernel_size) == 1:
+        return 'gemm'
+    ratio = geometry.out_planes // geometry.groups / max(positions, 1)
+    is_16bit = compute_dtype(x) in (torch.float16, torch.bfloat16)
+    min_ratio = settings.min_kernel_to_input_ratio_16bit if is_16bit else settings.min_kernel_to_input_ratio
+    return 'gemm' if ratio >= min_ratio else 'reference'
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a convolution of ``x`` in (``x.dtype`` outside autocast)."""
+    device_type = x.device.type
+    if (x.dtype != torch.float64 and x.is_floating_point() and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def gemm_conv(x: torch.Tensor, mixture_weights: torch.Tensor, cells: torch.Tensor,
+              geometry: KWConvGeometry) -> torch.Tensor:
+    """KW convolution without bias by the GEMM path; same result as the reference algorithm."""
+    dtype = compute_dtype(x)
+    return _GemmConv.apply(x.to(dtype), mixture_weights.to(dtype), cells.to(dtype), geometry)
+
+
+def input_mix_conv(x: torch.Tensor, mixture_weights: torch.Tensor, cells: torch.Tensor,
+                   g: KWConvGeometry) -> torch.Tensor:
+    """KW convolution without bias by mixing the input (see the module docstring); same result as
+    the reference algorithm."""
+    dtype = compute_dtype(x)
+    x, a, cells = x.to(dtype), mixture_weights.to(dtype), cells.to(dtype)
+    batch, output_size = x.shape[0], g.output_size(x.shape[2:])
+    n, cell_out = cells.shape[0], cells.shape[1]
+    cols = unfold(x, g, output_size).view(batch, g.groups, g.groups_spatial, g.groups_in, -1, math.prod(output_size))
+    if g.groups_out != g.groups:  # the input group each output block reads
+        cols = cols.repeat_interleave(g.groups_out // g.groups, dim=1)
+    a = a.reshape(batch, g.groups_spatial, g.groups_out, g.groups_in, n)
+    mixed = torch.einsum('bsoin,bosirl->bonrl', a, cols)  # [B, blocks_out, n, cell_in * ck, L]
+    out = torch.einsum('ncr,bonrl->bocl', cells.reshape(n, cell_out, -1), mixed)
+    return out.reshape(batch, g.out_planes, *output_size)
+
+
+def supports_gemm(g: KWConvGeometry) -> bool:
+    """The GEMM path needs every cell inside one convolution group (false e.g. for depthwise layers,
+    whose cells span several single-channel groups)."""
+    return (g.out_planes // g.groups) % g.cell_shape[1] == 0
+
+
+def _taps(g: KWConvGeometry) -> List[Tuple[int, ...]]:
+    return list(itertools.product(*(range(k) for k in g.kernel_size)))
+
+
+def _tap_dim(g: KWConvGeometry) -> int:
+    """Where the kernel taps go in ``[B, groups, C_in / groups, *S]``: before the channels when
+    every tap is a cell of its own (1x1 cells), after them when the taps are inside the cells."""
+    return 2 if g.groups_spatial > 1 else 3
+
+
+def _window(tap: Sequence[int], g: KWConvGeometry, output_size: Sequence[int]) -> Tuple[slice, ...]:
+    """Slices of the padded input that kernel tap ``tap`` reads for every output position."""
+    return tuple(slice(t * d, t * d + s * (out - 1) + 1, s)
+                 for t, d, s, out in zip(tap, g.dilation, g.stride, output_size))
+
+
+def _is_plain_view(g: KWConvGeometry) -> bool:
+    """1x1 kernel, no padding, stride 1: the unfolded input is the input itself."""
+    return math.prod(g.kernel_size) == 1 and not any(g.padding) and all(s == 1 for s in g.stride)
+
+
+def unfold(x: torch.Tensor, g: KWConvGeometry, output_size: Sequence[int], tap_dim: int = 0) -> torch.Tensor:
+    """im2col: ``[B, C_in, *S]`` -> ``[B, groups, K, prod(output_size)]``, ``K = C_in / groups * prod(k)``.
+
+    By default rows are ordered (spatial block, input channel, cell tap) like the kernel blocks of
+    :class:`_GemmConv`: tap-major for 1x1 cells, channel-major for whole-kernel cells;
+    ``tap_dim=3`` makes them channel-major always, like the columns of a ``[C_out, C_in / groups, *k]``
+    kernel. Its operations leave the batch size free (for export with a dynamic batch).
+    """
+    if any(g.padding):
+        x = F.pad(x, [p for pad in reversed(g.padding) for p in (pad, pad)])
+    x = x.unflatten(1, (g.groups, -1))
+    patches = [x[(Ellipsis,) + _window(tap, g, output_size)] for tap in _taps(g)]
+    tap_dim = tap_dim or _tap_dim(g)
+    cols = patches[0].unsqueeze(tap_dim) if len(patches) == 1 else torch.stack(patches, dim=tap_dim)
+    return cols.flatten(2, 3).flatten(3)
+
+
+def _fold(grad_cols: torch.Tensor, g: KWConvGeometry, input_size: Sequence[int],
+          output_size: Sequence[int]) -> torch.Tensor:
+    """The adjoint of :func:`unfold`: sums every tap's gradient back onto the input positions.
+
+    ``grad_cols`` is ``[B, groups, spatial blocks, input blocks, cell_in, cell taps, *output_size]``
+    with any strides.
+    """
+    batch = grad_cols.shape[0]
+    if _is_plain_view(g):
+        return grad_cols.reshape(batch, g.in_planes, *input_size)
+    padded = [size + 2 * p for size, p in zip(input_size, g.padding)]
+    grad_x = grad_cols.new_zeros(batch, g.groups, g.groups_in, g.cell_shape[2], *padded)
+    for index, tap in enumerate(_taps(g)):
+        tap_grad = grad_cols[:, :, index, :, :, 0] if g.groups_spatial > 1 else grad_cols[:, :, 0, :, :, index]
+        grad_x[(Ellipsis,) + _window(tap, g, output_size)] += tap_grad
+    grad_x = grad_x[(Ellipsis,) + tuple(slice(p, p + size) for p, size in zip(g.padding, input_size))]
+    return grad_x.reshape(batch, g.in_planes, *input_size)
+
+
+def _num_chunks(g: KWConvGeometry, batch: int, device_type: str) -> int:
+    """Into how many equal parts the cell output channels are split so that the kernels of one part
+    have at most ``Tuning.kernel_chunk_elements`` elements."""
+    cell_out = g.cell_shape[1]
+    total = batch * g.num_mixtures * math.prod(g.cell_shape[1:])
+    limit = tuning(device_type).kernel_chunk_elements
+    return next(c for c in range(1, cell_out + 1) if cell_out % c == 0 and (total // c <= limit or c == cell_out))
+
+
+def _rows_by_block(a: torch.Tensor, g: KWConvGeometry, batch: int) -> torch.Tensor:
+    """Mixture weights ``[B * m, n]`` with rows (b, s, o, i) reordered to (o, s, i, b)."""
+    a = a.reshape(batch, g.groups_spatial, g.groups_out, g.groups_in, -1)
+    return a.permute(2, 1, 3, 0, 4).reshape(-1, a.shape[-1])
+
+
+def _rows_by_sample(rows: torch.Tensor, g: KWConvGeometry, batch: int) -> torch.Tensor:
+    """The inverse of :func:`_rows_by_block`."""
+    rows = rows.reshape(g.groups_out, g.groups_spatial, g.groups_in, batch, -1)
+    return rows.permute(3, 1, 0, 2, 4).reshape(-1, rows.shape[-1])
+
+
+class _GemmConv(torch.autograd.Function):
+    """KW convolution by im2col and batched matrix products; keeps only ``x``, ``a`` and the cells.
+
+    With the mixture rows ordered (output block o, spatial block s, input block i, sample b),
+    ``rows @ cells`` gives for every (o, s, i) a contiguous stack ``[B, cell_out, cell_in * ck]``
+    of the samples' kernel blocks. Output block ``o`` is the sum over (s, i) of their batched
+    products with the matching blocks of the unfolded input, so neither the kernels nor their
+    gradients are ever reordered, and ``a`` and the cells get their gradients from the kernel
+    gradient by one matrix product each. Cell output channels are processed in chunks
+    (:func:`_num_chunks`) and the kernels are assembled again in backward instead of being kept.
+    """
+
+    @staticmethod
+    def _setup(x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry):
+        batch, output_size = x.shape[0], g.output_size(x.shape[2:])
+        cols = unfold(x, g, output_size).view(
+            batch, g.groups, g.groups_spatial, g.groups_in, -1, math.prod(output_size))
+        chunks = _num_chunks(g, batch, x.device.type)
+        return batch, output_size, cols, _rows_by_block(a, g, batch), cells.reshape(cells.shape[0], chunks, -1)
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry) -> torch.Tensor:
+        batch, output_size, cols, rows, cell_chunks = _GemmConv._setup(x, a, cells, g)
+        chunks, blocks_per_group = cell_chunks.shape[1], g.groups_out // g.groups
+        width, positions = g.cell_shape[1] // chunks, cols.shape[-1]
+        single = g.groups_out == 1 and chunks == 1
+        out = None if single else cols.new_empty(batch, g.groups_out, g.cell_shape[1], positions)
+        for k in range(chunks):
+            kernels = torch.mm(rows, cell_chunks[:, k]).view(
+                g.groups_out, g.groups_spatial, g.groups_in, batch, width, -1)
+            for o in range(g.groups_out):
+                block = None
+                for s, i in itertools.product(range(g.groups_spatial), range(g.groups_in)):
+                    inputs = cols[:, o // blocks_per_group, s, i]
+                    block = (torch.bmm(kernels[o, s, i], inputs) if block is None
+                             else block.baddbmm_(kernels[o, s, i], inputs))
+                if single:
+                    out = block
+                else:
+                    out[:, o, k * width:(k + 1) * width] = block
+        ctx.save_for_backward(x, a, cells)
+        ctx.geometry = g
+        return out.view(batch, g.out_planes, *output_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, a, cells = ctx.saved_tensors
+        g = ctx.geometry
+        need_x, need_a, need_cells = ctx.needs_input_grad[:3]
+        batch, output_size, cols, rows, cell_chunks = _GemmConv._setup(x, a, cells, g)
+        chunks, blocks_per_group = cell_chunks.shape[1], g.groups_out // g.groups
+        width, block_rows, positions = g.cell_shape[1] // chunks, cols.shape[-2], cols.shape[-1]
+        grad_out = grad_out.reshape(batch, g.groups_out, g.cell_shape[1], positions)
+        # grad_cols block-major, so that each (s, i) block is one contiguous [B, cell_in * ck, L] stack
+        grad_cols = (cols.new_zeros(g.groups, g.groups_spatial, g.groups_in, batch, block_rows, positions)
+                     if need_x else None)
+        grad_rows = torch.zeros_like(rows) if need_a else None
+        grad_cells = torch.empty_like(cell_chunks) if need_cells else None
+        kernel_shape = (g.groups_out, g.groups_spatial, g.groups_in, batch, width, block_rows)
+        for k in range(chunks):
+            cells_k = cell_chunks[:, k]
+            kernels = torch.mm(rows, cells_k).view(kernel_shape) if need_x else None
+            grad_kernels = rows.new_empty(kernel_shape) if need_a or need_cells else None
+            for o in range(g.groups_out):
+                grad_block, group = grad_out[:, o, k * width:(k + 1) * width], o // blocks_per_group
+                for s, i in itertools.product(range(g.groups_spatial), range(g.groups_in)):
+                    if need_x:
+                        grad_cols[group, s, i].baddbmm_(kernels[o, s, i].mT, grad_block)
+                    if grad_kernels is not None:
+                        torch.bmm(grad_block, cols[:, group, s, i].mT, out=grad_kernels[o, s, i])
+            if grad_kernels is not None:
+                grad_kernels = grad_kernels.view(rows.shape[0], -1)
+                if need_a:
+                    grad_rows.addmm_(grad_kernels, cells_k.t())
+                if need_cells:
+                    grad_cells[:, k] = torch.mm(rows.t(), grad_kernels)
+        grad_x = None
+        if need_x:
+            grad_cols = grad_cols.view(*grad_cols.shape[:4], g.cell_shape[2], -1, *output_size)
+            grad_x = _fold(grad_cols.permute(3, 0, 1, 2, *range(4, grad_cols.dim())), g, x.shape[2:], output_size)
+        grad_a = _rows_by_sample(grad_rows, g, batch) if need_a else None
+        return grad_x, grad_a, grad_cells.view(cells.shape) if need_cells else None, None

@@ -1,0 +1,291 @@
+"""The GEMM path of the KW convolution against the reference algorithm, the implementation switch,
+and the benchmark scripts (see ``modules/kernel_warehouse/functional.py``)."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from modules.kernel_warehouse import set_temperature
+from modules.kernel_warehouse import functional as kwf
+from modules.kernel_warehouse.functional import (KWConvGeometry, choose_implementation, supports_gemm,
+                                                 use_implementation)
+from tests.kw_reference import KWNet
+
+ROOT = Path(__file__).parent.parent
+
+
+def _spec(in_planes, out_planes, kernel_size, layer_type='conv2d', name='s_layer0_conv0', **kwargs):
+    return dict(in_planes=in_planes, out_planes=out_planes, kernel_size=kernel_size, layer_type=layer_type,
+                warehouse_name=name, **kwargs)
+
+
+# Each case: KW layers sharing a warehouse (start cells > 0), input shape, manager settings.
+CASES = {
+    'conv2d_3x3_and_1x1': ([_spec(8, 8, 3, padding=1), _spec(8, 16, 1, bias=True, name='s_layer1_conv0')],
+                           (3, 8, 6, 6), dict(sharing_range='layer')),
+    'conv2d_stride_dilation': ([_spec(6, 4, 3, stride=2, padding=2, dilation=2, bias=True),
+                                _spec(6, 4, 5, stride=(2, 1), padding=(1, 2), name='s_layer1_conv0')],
+                               (5, 6, 9, 7), dict(sharing_range='layer')),
+    'conv2d_1x1_strided_padded': ([_spec(6, 12, 1, stride=2, padding=1, bias=True)], (3, 6, 7, 7), {}),
+    'conv2d_groups': ([_spec(8, 8, 3, padding=1, groups=2),
+                       _spec(8, 16, 1, groups=4, bias=True, name='s_layer1_conv0')],
+                      (3, 8, 5, 5), dict(sharing_range='layer', cell_outplane_ratio=0.5, cell_inplane_ratio=0.5)),
+    'conv2d_depthwise': ([_spec(8, 8, 3, padding=1, groups=8)], (3, 8, 5, 5), {}),
+    'conv2d_output_and_input_blocks': ([_spec(8, 8, 3, padding=1), _spec(8, 16, 3, stride=2, name='s_layer1_conv0')],
+                                       (3, 8, 6, 6), dict(sharing_range='layer', cell_outplane_ratio=0.5,
+                                                          cell_inplane_ratio=0.25)),
+    'conv2d_whole_kernel_cells': ([_spec(4, 8, 3, padding=1), _spec(4, 4, 3, name='s_layer1_conv0')],
+                                  (3, 4, 5, 5), dict(sharing_range='layer', spatial_partition=False,
+                                                     cell_num_ratio=2, cell_inplane_ratio=0.5)),
+    'conv2d_nonlocal_basis_half_cells': ([_spec(4, 4, 3, padding=1), _spec(4, 8, 1, name='s_layer1_conv0')],
+                                         (3, 4, 5, 5), dict(sharing_range='layer', nonlocal_basis_ratio=0.5,
+                                                            cell_num_ratio=0.5, cell_inplane_ratio=0.5)),
+    'conv2d_quarter_cells': ([_spec(8, 8, 1, bias=True)], (2, 8, 4, 4),
+                             dict(cell_num_ratio=0.25, cell_inplane_ratio=0.5, cell_outplane_ratio=0.25)),
+    'conv1d': ([_spec(4, 6, 3, 'conv1d', padding=1, bias=True), _spec(4, 6, 5, 'conv1d', stride=2,
+                                                                      name='s_layer1_conv0')],
+               (3, 4, 9), dict(sharing_range='layer', cell_num_ratio=4)),
+    'conv3d': ([_spec(4, 4, 3, 'conv3d', padding=1, groups=2, bias=True),
+                _spec(4, 8, 1, 'conv3d', stride=2, name='s_layer1_conv0')],
+               (3, 4, 4, 3, 5), dict(sharing_range='layer', cell_num_ratio=0.5, cell_outplane_ratio=0.5)),
+    'batch_of_one': ([_spec(4, 8, 3, padding=1, bias=True)], (1, 4, 5, 5), dict(norm_layer=nn.LayerNorm)),
+}
+TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+# The equivalence tests also run on a GPU when there is one (CI has none; the README says how to run them)
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+def _build(case, dtype=torch.float64, seed=0, device='cpu'):
+    specs, shape, settings = CASES[case]
+    torch.manual_seed(seed)
+    net = KWNet(specs, **settings).to(dtype)
+    for p in net.parameters():  # non-trivial values for the zero-initialised biases too
+        nn.init.normal_(p, std=0.5)
+    set_temperature(net, 0.5)
+    return net.to(device), torch.randn(shape, dtype=dtype).to(device)
+
+
+def _outputs_and_grads(net, x, implementation):
+    """Outputs and gradients w.r.t. the input and every parameter, under ``implementation``."""
+    x = x.clone().requires_grad_()
+    with use_implementation(implementation):
+        outputs = net(x)
+    upstream = [torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)).to(o)
+                for i, o in enumerate(outputs)]
+    grads = torch.autograd.grad(outputs, [x] + list(net.parameters()), upstream, allow_unused=True)
+    return outputs, grads
+
+
+def _assert_same(result, expected, **tolerance):
+    (outputs, grads), (expected_outputs, expected_grads) = result, expected
+    for out, ref in zip(outputs, expected_outputs):
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        torch.testing.assert_close(out, ref, **tolerance)
+    for grad, ref in zip(grads, expected_grads):
+        if ref is None:
+            assert grad is None or not grad.any()
+        else:
+            torch.testing.assert_close(grad, ref, **tolerance)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize('case', sorted(CASES))
+@pytest.mark.parametrize('implementation', kwf.FAST_PATHS)
+def test_fast_path_matches_reference(implementation, case, dtype, device, monkeypatch):
+    # cuDNN's default TF32 convolutions would make the reference the less exact of the two
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    net, x = _build(case, dtype, device=device)
+    with use_implementation(implementation):
+        chosen = [choose_implementation(layer.geometry, x) for layer in net.kw_layers]
+    # a fast path runs wherever it applies; depthwise cells span groups, so those stay on the reference
+    assert chosen == [implementation if supports_gemm(layer.geometry) else 'reference' for layer in net.kw_layers]
+    assert (implementation in chosen) == (case != 'conv2d_depthwise')
+    _assert_same(_outputs_and_grads(net, x, implementation), _outputs_and_grads(net, x, 'reference'),
+                 **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize('case', ['conv2d_3x3_and_1x1', 'conv2d_output_and_input_blocks', 'conv3d'])
+def test_gemm_in_chunks_matches_reference(case, monkeypatch):
+    """One cell output channel per chunk: every chunked code path runs."""
+    monkeypatch.setitem(kwf.TUNING, 'cpu', kwf.TUNING['cpu']._replace(kernel_chunk_elements=1))
+    net, x = _build(case)
+    assert all(kwf._num_chunks(layer.geometry, x.shape[0], 'cpu') == layer.geometry.cell_shape[1] > 1
+               for layer in net.kw_layers)
+    _assert_same(_outputs_and_grads(net, x, 'gemm'), _outputs_and_grads(net, x, 'reference'),
+                 **TOLERANCES[torch.float64])
+
+
+def test_gemm_with_input_that_needs_no_grad():
+    net, x = _build('conv2d_3x3_and_1x1')
+    params = list(net.parameters())
+    grads = {}
+    for implementation in ['gemm', 'reference']:
+        with use_implementation(implementation):
+            outputs = net(x)  # x does not require grad: its gradient is skipped
+        grads[implementation] = torch.autograd.grad(sum(o.square().sum() for o in outputs), params)
+    for ours, ref in zip(grads['gemm'], grads['reference']):
+        torch.testing.assert_close(ours, ref, **TOLERANCES[torch.float64])
+
+
+def test_gemm_channels_last_input():
+    net, x = _build('conv2d_3x3_and_1x1')
+    x = x.contiguous(memory_format=torch.channels_last)
+    _assert_same(_outputs_and_grads(net, x, 'gemm'), _outputs_and_grads(net, x, 'reference'),
+                 **TOLERANCES[torch.float64])
+
+
+def test_gemm_kw_linear_matches_reference():
+    torch.manual_seed(0)
+    net = KWNet([_spec(6, 5, 1, 'linear', bias=True)], cell_inplane_ratio=0.5).double()
+    tokens = torch.randn(3, 4, 2, 6, dtype=torch.float64)  # [B, ..., in]
+    _assert_same(_outputs_and_grads(net, tokens, 'gemm'), _outputs_and_grads(net, tokens, 'reference'),
+                 **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize('case', ['conv2d_3x3_and_1x1', 'conv2d_stride_dilation', 'conv1d'])
+def test_autocast_bfloat16_stays_close(case):
+    """Under CPU autocast both paths compute in bfloat16: the GEMM path stays as close to float32
+    as the reference (whose attention, shared by both, dominates the gradient error)."""
+    net, x = _build(case, torch.float32)
+    full = _outputs_and_grads(net, x, 'reference')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ours, reference = (_outputs_and_grads(net, x, impl) for impl in ['gemm', 'reference'])
+    for out, ref, exact in zip(ours[0], reference[0], full[0]):
+        assert out.dtype == ref.dtype == torch.bfloat16
+        assert (out.float() - exact).norm() <= 0.02 * exact.norm()
+    for grad, ref, exact in zip(ours[1], reference[1], full[1]):
+        if exact is not None and exact.any():
+            assert grad.dtype == exact.dtype and torch.isfinite(grad).all()
+            assert (grad - exact).norm() <= 0.1 * exact.norm()
+            assert (grad - ref).norm() <= 0.02 * exact.norm()
+
+
+def _saved_numels(net, x, implementation):
+    numels = []
+    with use_implementation(implementation), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: numels.append(t.numel()) or t, lambda t: t):
+        net(x.requires_grad_())
+    return numels
+
+
+def test_gemm_keeps_no_per_sample_kernels():
+    torch.manual_seed(0)
+    net = KWNet([_spec(16, 32, 3, padding=1)]).double()
+    x = torch.randn(8, 16, 4, 4, dtype=torch.float64)
+    kernels = 8 * 32 * 16 * 9  # [B, C_out, C_in, 3, 3]
+    assert max(_saved_numels(net, x, 'reference')) >= kernels  # the reference keeps them ...
+    assert max(_saved_numels(net, x, 'gemm')) < kernels  # ... the GEMM path reassembles them
+
+
+def test_gemm_supports_first_order_gradients_only():
+    net, x = _build('conv2d_3x3_and_1x1')
+    with use_implementation('gemm'):
+        out = net(x.requires_grad_())[0]
+    grad, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        grad.sum().backward()
+
+
+def test_compiles_without_graph_breaks():
+    net, x = _build('conv2d_3x3_and_1x1')
+    compiled = torch.compile(net, backend='aot_eager', fullgraph=True)
+    with use_implementation('gemm'):
+        _assert_same(_outputs_and_grads(compiled, x, 'gemm'), _outputs_and_grads(net, x, 'gemm'),
+                     **TOLERANCES[torch.float64])
+
+
+# 36 cells: a warehouse of realistic size (those of KW ResNet18 hold 27 to 56)
+def _geometry(in_planes, out_planes, kernel_size, groups=1, cell_out=None, cell_in=None, stride=1, num_cells=36):
+    cell_out, cell_in = cell_out or out_planes, cell_in or in_planes // groups
+    gs = kernel_size ** 2
+    return KWConvGeometry(in_planes, out_planes, (kernel_size,) * 2, (stride,) * 2, (kernel_size // 2,) * 2, (1, 1),
+                          groups, (num_cells, cell_out, cell_in, 1, 1), out_planes // cell_out,
+                          in_planes // groups // cell_in, gs)
+
+
+def _input(batch, channels, size, device='cpu', dtype=torch.float32):
+    """A tensor of that shape without the memory; device 'meta' stands for a non-CPU device."""
+    return torch.zeros((), device=device, dtype=dtype).expand(batch, channels, size, size)
+
+
+@pytest.mark.parametrize('geometry, x, expected', [
+    (_geometry(512, 512, 3), _input(8, 512, 7), 'gemm'),          # kernel-dominated: late ResNet stage
+    (_geometry(64, 64, 3), _input(8, 64, 56), 'reference'),       # activation-dominated: early stage
+    (_geometry(512, 512, 3), _input(1, 512, 7), 'reference'),     # one sample
+    (_geometry(64, 256, 1), _input(8, 64, 56), 'gemm'),           # 1x1 layers always
+    (_geometry(64, 64, 3, groups=64, cell_out=64), _input(8, 64, 7), 'reference'),  # cells span groups
+    (_geometry(512, 512, 3), _input(8, 512, 1), 'input_mix'),     # one output position: mix the input
+    (_geometry(512, 512, 3), _input(8, 512, 2), 'input_mix'),
+    (_geometry(128, 128, 3), _input(8, 128, 7), 'reference'),     # the CPU's rule on other devices too ...
+    (_geometry(128, 128, 3), _input(32, 128, 28, 'meta'), 'reference'),
+    (_geometry(128, 128, 3), _input(32, 128, 7, 'meta'), 'gemm'),   # ... with a lower ratio
+    (_geometry(64, 64, 3), _input(32, 64, 56, 'meta', torch.bfloat16), 'gemm'),  # 16 bits off the CPU: always
+    (_geometry(64, 256, 1), _input(8, 64, 56, 'meta', torch.bfloat16), 'reference'),  # but not below 32 samples
+])
+def test_auto_choice(geometry, x, expected):
+    with use_implementation('auto'):
+        assert choose_implementation(geometry, x) == expected
+    with use_implementation('reference'):
+        assert choose_implementation(geometry, x) == 'reference'
+
+
+def test_use_implementation_restores_previous_choice():
+    before = kwf.get_implementation()
+    with pytest.raises(KeyError):
+        with use_implementation('reference'):
+            assert kwf.get_implementation() == 'reference'
+            raise KeyError
+    assert kwf.get_implementation() == before
+    with pytest.raises(ValueError, match="unknown KW implementation 'fast'"):
+        kwf.set_implementation('fast')
+
+
+def _python(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def test_environment_variable_selects_implementation():
+    code = 'from modules.kernel_warehouse import functional; print(functional.get_implementation())'
+    result = _python('-c', code, env={'KW_IMPL': 'reference'})
+    assert result.returncode == 0 and result.stdout.strip() == 'reference', result.stderr
+    result = _python('-c', code, env={'KW_IMPL': 'fastest'})
+    assert result.returncode != 0
+    assert "KW_IMPL='fastest' is not a KW implementation: set it to one of auto, reference, gemm, input_mix" in result.stderr
+
+
+def test_benchmark_prints_table():
+    result = _python('benchmarks/benchmark.py', '--device', 'cpu', '--models', 'resnet18,kw_resnet18',
+                     '--batch-sizes', '2', '--img-size', '32', '--num-classes', '4', '--warmup', '0', '--iters', '1',
+                     '--repeats', '1', '--threads', '1')
+    assert result.returncode == 0, result.stderr
+    rows = [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| ')][1:]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [('resnet18', '-'), ('kw_resnet18', 'reference'),
+                                                            ('kw_resnet18', 'auto')]
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[7]) > 0  # train and infer img/s
+    assert rows[1][5].strip() == rows[1][8].strip() == '1.00x'
+
+
+def test_benchmark_rejects_unknown_model():
+    result = _python('benchmarks/benchmark.py', '--models', 'kw_resnet19')
+    assert result.returncode != 0
+    assert 'unknown model kw_resnet19' in result.stderr and 'kw_resnet18' in result.stderr
+
+
+def test_layer_benchmark_lists_kw_layers():
+    result = _python('benchmarks/layers.py', '--device', 'cpu', '--model', 'kw_resnet18', '--batch-size', '2',
+                     '--img-size', '32', '--repeats', '1', '--threads', '1')
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if re.match(r'\| layer\d', line)]
+    assert len(rows) == 19  # every KW conv of the ResNet-18
+    assert all(row.split('|')[-2].strip() in ('reference', 'gemm', 'input_mix') for row in rows)
+    assert any(row.split('|')[-2].strip() == 'input_mix' for row in rows)  # the last stage at 32 px
