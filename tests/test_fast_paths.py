@@ -282,7 +282,7 @@ def test_benchmark_rejects_unknown_model():
 
 
 def test_layer_benchmark_lists_kw_layers():
-    result = _python('benchmarks/layers.py', '--device', 'cpu', '--model', 'kw_resnet18', '--batch-size', '2',
+    result = _python('benchmarks/layers.py', '--device', 'cpu', '--model', 'kw_resnet18', '--batch-size', '4',
                      '--img-size', '32', '--repeats', '1', '--threads', '1')
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r'\| layer\d', line)]

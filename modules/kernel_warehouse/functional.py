@@ -153,8 +153,9 @@ def choose_implementation(geometry: KWConvGeometry, x: torch.Tensor) -> str:
 
     A forced ``gemm`` or ``input_mix`` applies to the layers it supports (:func:`supports_gemm`);
     the others, and every layer under ``reference``, use the reference algorithm. ``auto``
-    decides per layer: ``input_mix`` where it needs far fewer multiply-accumulates, else ``gemm``
-    or ``reference`` by the shape rule of :class:`Tuning`.
+    decides per layer: the reference below ``Tuning.min_batch`` samples, else ``input_mix`` where
+    its multiply-accumulates are few enough, else ``gemm`` or ``reference`` by the shape rule of
+    :class:`Tuning`.
     """
     implementation, shape = _implementation, x.shape
     if implementation == 'reference' or not supports_gemm(geometry):
@@ -162,12 +163,12 @@ def choose_implementation(geometry: KWConvGeometry, x: torch.Tensor) -> str:
     if implementation in FAST_PATHS:
         return implementation
     settings = tuning(x.device.type)
+    if shape[0] < settings.min_batch:
+        return 'reference'
     positions = math.prod(geometry.output_size(shape[2:]))
     macs = forward_macs(geometry, shape[0], positions)
     if macs['input_mix'] < settings.input_mix_max_cost_ratio * macs['kernels']:
         return 'input_mix'
-    if shape[0] < settings.min_batch:
-        return 'reference'
     if math.prod(geometry.kernel_size) == 1:
         return 'gemm'
     ratio = geometry.out_planes // geometry.groups / max(positions, 1)
