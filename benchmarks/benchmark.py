@@ -15,13 +15,14 @@ on CUDA, the rise of the process's peak resident set on Linux CPUs (``n/a`` else
 import argparse
 import contextlib
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
 import torch.nn.functional as F
 
-from common import (DTYPES, describe_device, format_bytes, int_list, median, name_list, peak_memory_function,
+from common import (DTYPES, describe_device, format_bytes, int_list, name_list, peak_memory_function,
                     setup_device, time_per_call)
 
 import models  # noqa: E402,F401  (registers the models with timm)

@@ -2,7 +2,6 @@
 import ctypes
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,10 +71,6 @@ def time_per_call(fn: Callable[[], object], iters: int, device: torch.device) ->
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / iters
-
-
-def median(values: List[float]) -> float:
-    return statistics.median(values)
 
 
 class _CpuPeakMemory:

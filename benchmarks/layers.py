@@ -12,12 +12,13 @@ over the reference, and what ``auto`` picks with the current tuning.
 """
 import argparse
 import math
+from statistics import median
 from typing import Dict, List
 
 import timm
 import torch
 
-from common import DTYPES, describe_device, median, name_list, setup_device, time_per_call
+from common import DTYPES, describe_device, name_list, setup_device, time_per_call
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from modules.kernel_warehouse import KWConvNd  # noqa: E402

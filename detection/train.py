@@ -12,12 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: models, modules, utils
 
-try:
+from detection import detection_stack_required  # noqa: E402
+
+with detection_stack_required():
     from detection.kw_mmdet.launch import add_common_arguments, build_runner, load_config, run_cli
-except ModuleNotFoundError as error:
-    if error.name.split('.')[0] not in ('mmdet', 'mmengine', 'mmcv'):
-        raise
-    sys.exit(f'error: {error.name} is not installed; run "bash detection/install.sh" in this environment.')
 
 
 def parse_args() -> argparse.Namespace:
