@@ -3,9 +3,10 @@
     python benchmarks/layers.py --device cpu --model kw_resnet18 --batch-size 16 --img-size 224
     python benchmarks/layers.py --device cuda --model kw_resnet50 --batch-size 128 --dtype fp16
 
-Each KW layer is run on the input it receives inside the model (train mode); forward (no grad)
-and forward + backward are timed with the reference algorithm and each fast path (``gemm``,
-``input_mix``), interleaved, median of ``--repeats``. The columns give the layer's kernel-to-input
+Each KW layer is run on the input it receives inside the model (train mode, in ``--dtype``);
+forward (no grad) and forward + backward are timed with the reference algorithm and each fast path
+(``gemm``, ``input_mix``), ``--iters`` calls back to back (single synchronised calls on a GPU measure launch
+latency, not the kernels), interleaved, median of ``--repeats``. The columns give the layer's kernel-to-input
 ratio (``C_out / groups / output positions``, which ``TUNING`` in
 ``modules/kernel_warehouse/functional.py`` thresholds), the fastest algorithm with its speed-up
 over the reference, and what ``auto`` picks with the current tuning.
@@ -36,12 +37,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--dtype', default='fp32', help='fp32, bf16, fp16 (the last two under autocast)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--iters', type=int, default=5, help='back-to-back calls per timing')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     args = parser.parse_args(argv)
     name_list(args.model, timm.list_models(), 'model')
     name_list(args.dtype, DTYPES, 'dtype')
-    if args.batch_size < 2 or args.repeats < 1 or args.img_size < 1:
-        raise SystemExit('error: --batch-size must be >= 2 (train-mode attention), --repeats and --img-size >= 1')
+    if args.batch_size < 2 or min(args.repeats, args.iters, args.img_size) < 1:
+        raise SystemExit('error: --batch-size must be >= 2 (train-mode attention), --repeats, --iters and '
+                         '--img-size >= 1')
     return args
 
 
@@ -82,7 +85,7 @@ def layer_times(layer: KWConvNd, x: torch.Tensor, args, device) -> Dict[str, Lis
         for impl in IMPLS:
             with use_implementation(impl):
                 for part, fn in (('fwd', forward), ('fwd+bwd', forward_backward)):
-                    seconds = time_per_call(fn, 1, device)
+                    seconds = time_per_call(fn, args.iters if repeat else 1, device)
                     if repeat:
                         times[f'{impl} {part}'].append(seconds)
     return times
@@ -94,7 +97,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = timm.create_model(args.model).to(device).train()
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    inputs = layer_inputs(model, x)
+    with autocast_for(args.dtype, device):  # each layer gets the dtype it sees in the model
+        inputs = layer_inputs(model, x)
     print(f'device: {describe_device(device)}; torch {torch.__version__}; {args.model}, batch {args.batch_size}, '
           f'{args.img_size} px, {args.dtype}; median of {args.repeats}; times in ms\n')
     header = ['layer', 'input', 'kernel', 'stride', 'ratio'] + [f'{i} {p}' for i in IMPLS for p in ('fwd', 'fwd+bwd')]

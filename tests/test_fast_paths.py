@@ -185,6 +185,19 @@ def test_gemm_keeps_no_per_sample_kernels():
     assert max(_saved_numels(net, x, 'gemm')) < kernels  # ... the GEMM path reassembles them
 
 
+def test_gemm_keeps_no_16bit_copy_of_the_cells():
+    """Under autocast the GEMM path casts the cells itself (with their transposition), so what it
+    keeps for backward is the float32 warehouse, not a bfloat16 copy of it."""
+    net, x = _build('conv2d_3x3_and_1x1', torch.float32)
+    warehouses = list(net.warehouse_manager.weights)
+    saved = []
+    with use_implementation('gemm'), torch.autocast('cpu', dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        net(x.requires_grad_())
+    assert any(t.data_ptr() == w.data_ptr() and t.dtype == torch.float32 for t in saved for w in warehouses)
+    assert not any(t.shape == w.shape and t.dtype == torch.bfloat16 for t in saved for w in warehouses)
+
+
 def test_gemm_supports_first_order_gradients_only():
     net, x = _build('conv2d_3x3_and_1x1')
     with use_implementation('gemm'):
@@ -281,9 +294,22 @@ def test_benchmark_rejects_unknown_model():
     assert 'unknown model kw_resnet19' in result.stderr and 'kw_resnet18' in result.stderr
 
 
+def test_step_profile_prints_table():
+    result = _python('benchmarks/step_profile.py', '--device', 'cpu', '--models', 'resnet18,kw_resnet18',
+                     '--batch-size', '2', '--img-size', '32', '--warmup', '0', '--iters', '1', '--repeats', '1',
+                     '--threads', '1')
+    assert result.returncode == 0, result.stderr
+    rows = [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| ')][1:]
+    assert [r[0].strip() for r in rows] == ['resnet18', 'kw_resnet18']
+    for row in rows:
+        step, queued, kernels, images, graph = (cell.strip() for cell in row[1:])
+        assert float(queued) <= float(step) and float(images) > 0
+        assert kernels == graph == 'n/a'  # GPU-only measurements
+
+
 def test_layer_benchmark_lists_kw_layers():
     result = _python('benchmarks/layers.py', '--device', 'cpu', '--model', 'kw_resnet18', '--batch-size', '4',
-                     '--img-size', '32', '--repeats', '1', '--threads', '1')
+                     '--img-size', '32', '--repeats', '1', '--iters', '1', '--threads', '1')
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r'\| layer\d', line)]
     assert len(rows) == 19  # every KW conv of the ResNet-18

@@ -91,7 +91,7 @@ _implementation = _implementation_from_env()
 
 
 def set_implementation(name: str) -> None:
-    """Make every KW convolution of the process use ``name`` (``auto``, ``reference`` or ``gemm``)."""
+    """Make every KW convolution of the process use ``name`` (one of :data:`IMPLEMENTATIONS`)."""
     global _implementation
     if name not in IMPLEMENTATIONS:
         raise ValueError(f'unknown KW implementation {name!r}: use one of {", ".join(IMPLEMENTATIONS)}.')
@@ -189,8 +189,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def gemm_conv(x: torch.Tensor, mixture_weights: torch.Tensor, cells: torch.Tensor,
               geometry: KWConvGeometry) -> torch.Tensor:
     """KW convolution without bias by the GEMM path; same result as the reference algorithm."""
-    dtype = compute_dtype(x)
-    return _GemmConv.apply(x.to(dtype), mixture_weights.to(dtype), cells.to(dtype), geometry)
+    dtype = compute_dtype(x)  # the cells are cast inside, fused with their transposition
+    return _GemmConv.apply(x.to(dtype), mixture_weights.to(dtype), cells, geometry)
 
 
 def input_mix_conv(x: torch.Tensor, mixture_weights: torch.Tensor, cells: torch.Tensor,
@@ -264,6 +264,8 @@ def _fold(grad_cols: torch.Tensor, g: KWConvGeometry, input_size: Sequence[int],
     batch = grad_cols.shape[0]
     if _is_plain_view(g):
         return grad_cols.reshape(batch, g.in_planes, *input_size)
+    # One strided addition per tap: F.fold (col2im, one kernel) needs a second, channel-major copy of
+    # the unfolded gradient and was slower on the CPU and on an H200 (README, Performance).
     padded = [size + 2 * p for size, p in zip(input_size, g.padding)]
     grad_x = grad_cols.new_zeros(batch, g.groups, g.groups_in, g.cell_shape[2], *padded)
     for index, tap in enumerate(_taps(g)):
@@ -283,57 +285,66 @@ def _num_chunks(g: KWConvGeometry, batch: int, device_type: str) -> int:
 
 
 def _rows_by_block(a: torch.Tensor, g: KWConvGeometry, batch: int) -> torch.Tensor:
-    """Mixture weights ``[B * m, n]`` with rows (b, s, o, i) reordered to (o, s, i, b)."""
+    """Mixture weights ``[B * m, n]`` with rows (b, s, o, i) reordered to (o, b, s, i)."""
     a = a.reshape(batch, g.groups_spatial, g.groups_out, g.groups_in, -1)
-    return a.permute(2, 1, 3, 0, 4).reshape(-1, a.shape[-1])
+    return a.permute(2, 0, 1, 3, 4).reshape(-1, a.shape[-1])
 
 
 def _rows_by_sample(rows: torch.Tensor, g: KWConvGeometry, batch: int) -> torch.Tensor:
     """The inverse of :func:`_rows_by_block`."""
-    rows = rows.reshape(g.groups_out, g.groups_spatial, g.groups_in, batch, -1)
-    return rows.permute(3, 1, 0, 2, 4).reshape(-1, rows.shape[-1])
+    rows = rows.reshape(g.groups_out, batch, g.groups_spatial, g.groups_in, -1)
+    return rows.permute(1, 2, 0, 3, 4).reshape(-1, rows.shape[-1])
+
+
+def _transposed_cells(cells: torch.Tensor, chunks: int, dtype: torch.dtype) -> torch.Tensor:
+    """Cells ``[n, cell_out, cell_in, *ck]`` as ``[n, chunks, cell_in * ck, cell_out / chunks]`` in
+    ``dtype`` (one copy)."""
+    n, cell_out = cells.shape[:2]
+    return _contiguous_copy(cells.reshape(n, chunks, cell_out // chunks, -1).transpose(2, 3), dtype)
+
+
+def _contiguous_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous tensor of ``dtype``: one copy (cast and layout together), always."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 class _GemmConv(torch.autograd.Function):
     """KW convolution by im2col and batched matrix products; keeps only ``x``, ``a`` and the cells.
 
-    With the mixture rows ordered (output block o, spatial block s, input block i, sample b),
-    ``rows @ cells`` gives for every (o, s, i) a contiguous stack ``[B, cell_out, cell_in * ck]``
-    of the samples' kernel blocks. Output block ``o`` is the sum over (s, i) of their batched
-    products with the matching blocks of the unfolded input, so neither the kernels nor their
-    gradients are ever reordered, and ``a`` and the cells get their gradients from the kernel
-    gradient by one matrix product each. Cell output channels are processed in chunks
-    (:func:`_num_chunks`) and the kernels are assembled again in backward instead of being kept.
+    With the mixture rows ordered (output block o, sample b, spatial block s, input block i) and the
+    cells transposed to ``[n, cell_in * ck, cell_out]``, ``rows @ cells`` gives for every output
+    block a contiguous stack ``[B, K, cell_out]`` of the samples' transposed kernels, ``K`` running
+    over (s, i, cell_in, ck) like the rows of the unfolded input (:func:`unfold`). So each output
+    block is one batched product over all its taps and input blocks, nothing is reordered, and
+    ``a`` and the cells get their gradients from the kernel gradient by one matrix product each.
+    Cell output channels are processed in chunks (:func:`_num_chunks`); the kernels are assembled
+    again in backward instead of being kept. The cells come in their own dtype (the warehouse's)
+    and are cast to the input's with their transposition, so that no cast copy is kept for
+    backward and their gradient is returned in their dtype by one copy.
     """
 
     @staticmethod
     def _setup(x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry):
         batch, output_size = x.shape[0], g.output_size(x.shape[2:])
-        cols = unfold(x, g, output_size).view(
-            batch, g.groups, g.groups_spatial, g.groups_in, -1, math.prod(output_size))
+        cols = unfold(x, g, output_size)  # [B, groups, K, L]
         chunks = _num_chunks(g, batch, x.device.type)
-        return batch, output_size, cols, _rows_by_block(a, g, batch), cells.reshape(cells.shape[0], chunks, -1)
+        return batch, output_size, cols, _rows_by_block(a, g, batch), _transposed_cells(cells, chunks, x.dtype)
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry) -> torch.Tensor:
-        batch, output_size, cols, rows, cell_chunks = _GemmConv._setup(x, a, cells, g)
-        chunks, blocks_per_group = cell_chunks.shape[1], g.groups_out // g.groups
+        batch, output_size, cols, rows, cells_t = _GemmConv._setup(x, a, cells, g)
+        chunks, blocks_per_group = cells_t.shape[1], g.groups_out // g.groups
         width, positions = g.cell_shape[1] // chunks, cols.shape[-1]
-        single = g.groups_out == 1 and chunks == 1
-        out = None if single else cols.new_empty(batch, g.groups_out, g.cell_shape[1], positions)
-        for k in range(chunks):
-            kernels = torch.mm(rows, cell_chunks[:, k]).view(
-                g.groups_out, g.groups_spatial, g.groups_in, batch, width, -1)
-            for o in range(g.groups_out):
-                block = None
-                for s, i in itertools.product(range(g.groups_spatial), range(g.groups_in)):
-                    inputs = cols[:, o // blocks_per_group, s, i]
-                    block = (torch.bmm(kernels[o, s, i], inputs) if block is None
-                             else block.baddbmm_(kernels[o, s, i], inputs))
-                if single:
-                    out = block
-                else:
-                    out[:, o, k * width:(k + 1) * width] = block
+        if g.groups_out == 1 and chunks == 1:
+            kernels_t = torch.mm(rows, cells_t[:, 0].reshape(rows.shape[1], -1)).view(batch, -1, width)
+            out = torch.bmm(kernels_t.mT, cols[:, 0])
+        else:
+            out = cols.new_empty(batch, g.groups_out, g.cell_shape[1], positions)
+            for k in range(chunks):
+                kernels_t = torch.mm(rows, cells_t[:, k].reshape(rows.shape[1], -1)).view(
+                    g.groups_out, batch, -1, width)
+                for o in range(g.groups_out):
+                    out[:, o, k * width:(k + 1) * width] = torch.bmm(kernels_t[o].mT, cols[:, o // blocks_per_group])
         ctx.save_for_backward(x, a, cells)
         ctx.geometry = g
         return out.view(batch, g.out_planes, *output_size)
@@ -344,36 +355,42 @@ class _GemmConv(torch.autograd.Function):
         x, a, cells = ctx.saved_tensors
         g = ctx.geometry
         need_x, need_a, need_cells = ctx.needs_input_grad[:3]
-        batch, output_size, cols, rows, cell_chunks = _GemmConv._setup(x, a, cells, g)
-        chunks, blocks_per_group = cell_chunks.shape[1], g.groups_out // g.groups
-        width, block_rows, positions = g.cell_shape[1] // chunks, cols.shape[-2], cols.shape[-1]
+        batch, output_size, cols, rows, cells_t = _GemmConv._setup(x, a, cells, g)
+        n, chunks, block_rows, width = cells_t.shape
+        blocks_per_group, positions = g.groups_out // g.groups, cols.shape[-1]
         grad_out = grad_out.reshape(batch, g.groups_out, g.cell_shape[1], positions)
-        # grad_cols block-major, so that each (s, i) block is one contiguous [B, cell_in * ck, L] stack
-        grad_cols = (cols.new_zeros(g.groups, g.groups_spatial, g.groups_in, batch, block_rows, positions)
-                     if need_x else None)
-        grad_rows = torch.zeros_like(rows) if need_a else None
-        grad_cells = torch.empty_like(cell_chunks) if need_cells else None
-        kernel_shape = (g.groups_out, g.groups_spatial, g.groups_in, batch, width, block_rows)
+        # group-major, so that each group's gradient is one contiguous [B, K, L] stack
+        grad_cols = cols.new_empty(g.groups, batch, *cols.shape[2:]) if need_x else None
+        grad_rows, grad_cell_chunks = None, []
+        kernel_shape = (g.groups_out, batch, cols.shape[-2], width)
         for k in range(chunks):
-            cells_k = cell_chunks[:, k]
-            kernels = torch.mm(rows, cells_k).view(kernel_shape) if need_x else None
-            grad_kernels = rows.new_empty(kernel_shape) if need_a or need_cells else None
+            cells_k = cells_t[:, k].reshape(n, -1)
+            kernels_t = torch.mm(rows, cells_k).view(kernel_shape) if need_x else None
+            grad_kernels_t = rows.new_empty(kernel_shape) if need_a or need_cells else None
             for o in range(g.groups_out):
                 grad_block, group = grad_out[:, o, k * width:(k + 1) * width], o // blocks_per_group
-                for s, i in itertools.product(range(g.groups_spatial), range(g.groups_in)):
-                    if need_x:
-                        grad_cols[group, s, i].baddbmm_(kernels[o, s, i].mT, grad_block)
-                    if grad_kernels is not None:
-                        torch.bmm(grad_block, cols[:, group, s, i].mT, out=grad_kernels[o, s, i])
-            if grad_kernels is not None:
-                grad_kernels = grad_kernels.view(rows.shape[0], -1)
+                if need_x:
+                    if k == 0 and o % blocks_per_group == 0:  # the group's first contribution
+                        torch.bmm(kernels_t[o], grad_block, out=grad_cols[group])
+                    else:
+                        grad_cols[group].baddbmm_(kernels_t[o], grad_block)
+                if grad_kernels_t is not None:
+                    torch.bmm(cols[:, group], grad_block.mT, out=grad_kernels_t[o])
+            if grad_kernels_t is not None:
+                grad_kernels_t = grad_kernels_t.view(rows.shape[0], -1)
                 if need_a:
-                    grad_rows.addmm_(grad_kernels, cells_k.t())
+                    grad_rows = (torch.mm(grad_kernels_t, cells_k.t()) if grad_rows is None
+                                 else grad_rows.addmm_(grad_kernels_t, cells_k.t()))
                 if need_cells:
-                    grad_cells[:, k] = torch.mm(rows.t(), grad_kernels)
+                    grad_cell_chunks.append(torch.mm(rows.t(), grad_kernels_t).view(n, 1, block_rows, width))
         grad_x = None
         if need_x:
-            grad_cols = grad_cols.view(*grad_cols.shape[:4], g.cell_shape[2], -1, *output_size)
-            grad_x = _fold(grad_cols.permute(3, 0, 1, 2, *range(4, grad_cols.dim())), g, x.shape[2:], output_size)
+            grad_cols = grad_cols.view(g.groups, batch, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
+                                       *output_size)
+            grad_x = _fold(grad_cols.transpose(0, 1), g, x.shape[2:], output_size)
         grad_a = _rows_by_sample(grad_rows, g, batch) if need_a else None
-        return grad_x, grad_a, grad_cells.view(cells.shape) if need_cells else None, None
+        grad_cells = None
+        if need_cells:  # back to [n, cell_out, cell_in, *ck] in the cells' dtype, one copy
+            grad_cells_t = grad_cell_chunks[0] if chunks == 1 else torch.cat(grad_cell_chunks, dim=1)
+            grad_cells = _contiguous_copy(grad_cells_t.transpose(2, 3), cells.dtype).view(cells.shape)
+        return grad_x, grad_a, grad_cells, None

@@ -1,0 +1,135 @@
+"""Where a training step's time goes on a GPU: host (Python and kernel launches) or kernels.
+
+    python benchmarks/step_profile.py --models resnet50,kw_resnet50 --dtype bf16 --batch-size 128
+
+For each model (KW models with ``--impl``) it times an eager training step (forward,
+cross-entropy, backward, SGD; CUDA-synchronised, median of ``--repeats`` x ``--iters``) and, in
+the same steps, how long the host took to queue them (the time until the Python step returns). One
+step under ``torch.profiler`` gives the GPU's kernel time, and the same step captured once in a
+CUDA graph and replayed (no Python and no launches per kernel) gives the throughput the kernels
+alone allow. A step whose queueing time is close to its step time, with a kernel time well below
+it, is bound by the host: fewer kernel launches (or CUDA graphs, ``torch.compile``) help it,
+faster kernels do not. ``--top`` lists the kernels that took longest.
+"""
+import argparse
+import time
+from statistics import median
+from typing import Callable, Dict, List
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from common import DTYPES, describe_device, name_list, setup_device, synchronize
+
+import models  # noqa: E402,F401  (registers the models with timm)
+from modules.kernel_warehouse.functional import IMPLEMENTATIONS, use_implementation  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', default='resnet18,kw_resnet18')
+    parser.add_argument('--impl', default='auto', help=f'KW implementation: {", ".join(IMPLEMENTATIONS)}')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--dtype', default='bf16', help='fp32, bf16, fp16 (the last two under autocast)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--iters', type=int, default=5)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--top', type=int, default=0, help='list the N kernels that took longest')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    args = parser.parse_args(argv)
+    args.models = name_list(args.models, timm.list_models(), 'model')
+    name_list(args.impl, IMPLEMENTATIONS, 'implementation')
+    name_list(args.dtype, DTYPES, 'dtype')
+    if min(args.batch_size, args.img_size, args.iters, args.repeats) < 1 or args.warmup < 0:
+        raise SystemExit('error: --batch-size, --img-size, --iters and --repeats must be >= 1, --warmup >= 0')
+    return args
+
+
+def training_step(model, optimizer, x, y, dtype: str, device: torch.device, **autocast) -> Callable[[], None]:
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None, **autocast):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def time_eager(step: Callable[[], None], args, device) -> Dict[str, float]:
+    steps, queued = [], []
+    for _ in range(args.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        queued.append((time.perf_counter() - start) / args.iters)
+        synchronize(device)
+        steps.append((time.perf_counter() - start) / args.iters)
+    return {'step': median(steps), 'queued': median(queued)}
+
+
+def kernel_time(step: Callable[[], None], device, top: int) -> (float, List[str]):
+    """Seconds of GPU kernels in one step, and the ``top`` longest kernels."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        synchronize(device)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    listing = [f'{e.self_device_time_total / 1e3:.2f} ms, {e.count} calls: {e.key[:100]}' for e in kernels[:top]]
+    return sum(e.self_device_time_total for e in kernels) / 1e6, listing
+
+
+def graph_step_time(model, optimizer, x, y, args, device) -> float:
+    """Seconds per step of the training step captured in a CUDA graph and replayed."""
+    step = training_step(model, optimizer, x, y, args.dtype, device, cache_enabled=False)  # as graphs need
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    return time_eager(graph.replay, args, device)['step']
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = setup_device(args)
+    print(f'device: {describe_device(device)}; torch {torch.__version__}; batch {args.batch_size}, '
+          f'{args.img_size} px, {args.dtype}; KW models with impl {args.impl}\n')
+    columns = ['model', 'eager step ms', 'host queueing ms', 'GPU kernels ms', 'eager img/s', 'CUDA graph img/s']
+    print('| ' + ' | '.join(columns) + ' |\n|' + '---|' * len(columns))
+    listings = {}
+    for name in args.models:
+        torch.manual_seed(0)
+        model = timm.create_model(name).to(device).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+        y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+        with use_implementation(args.impl):
+            step = training_step(model, optimizer, x, y, args.dtype, device)
+            for _ in range(args.warmup):
+                step()
+            eager = time_eager(step, args, device)
+            kernels, graph = 'n/a', 'n/a'
+            if device.type == 'cuda':
+                seconds, listings[name] = kernel_time(step, device, args.top)
+                kernels = f'{seconds * 1e3:.1f}'
+                graph = f'{args.batch_size / graph_step_time(model, optimizer, x, y, args, device):.1f}'
+        print(f'| {name} | {eager["step"] * 1e3:.1f} | {eager["queued"] * 1e3:.1f} | {kernels} | '
+              f'{args.batch_size / eager["step"]:.1f} | {graph} |', flush=True)
+        del model, optimizer
+    for name, listing in listings.items():
+        if listing:
+            print(f'\n{name}, longest kernels:\n' + '\n'.join(f'- {line}' for line in listing))
+
+
+if __name__ == '__main__':
+    main()
