@@ -20,10 +20,9 @@ from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
-import torch.nn.functional as F
 
 from common import (DTYPES, describe_device, format_bytes, int_list, name_list, peak_memory_function,
-                    setup_device, time_per_call)
+                    setup_device, time_per_call, training_step)
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from modules.kernel_warehouse import KWConvNd  # noqa: E402
@@ -94,25 +93,15 @@ def build_variants(args, device: torch.device) -> List[Variant]:
 
 def step_functions(variant: Variant, x: torch.Tensor, y: torch.Tensor,
                    autocast_dtype: Optional[torch.dtype]) -> Dict[str, Callable[[], None]]:
-    model, optimizer = variant.model, variant.optimizer
-
-    def autocast():
-        return torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-
-    def train():
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
+    model = variant.model
 
     def infer():
         model.eval()
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=autocast_dtype,
+                                                    enabled=autocast_dtype is not None):
             model(x)
 
-    return {'train': train, 'infer': infer}
+    return {'train': training_step(model, variant.optimizer, x, y, autocast_dtype), 'infer': infer}
 
 
 def measure(args, device: torch.device, variants: List[Variant], batch: int, dtype: str) -> None:

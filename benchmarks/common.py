@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -71,6 +72,21 @@ def time_per_call(fn: Callable[[], object], iters: int, device: torch.device) ->
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / iters
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  autocast_dtype: Optional[torch.dtype], **autocast_kwargs) -> Callable[[], None]:
+    """One training step on a fixed batch: forward (under autocast to ``autocast_dtype`` unless it is
+    ``None``), cross-entropy, backward and an optimizer step. ``autocast_kwargs`` go to ``torch.autocast``."""
+    def step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
+                            **autocast_kwargs):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return step
 
 
 class _CpuPeakMemory:

@@ -14,14 +14,13 @@ faster kernels do not. ``--top`` lists the kernels that took longest.
 import argparse
 import time
 from statistics import median
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from common import DTYPES, describe_device, name_list, setup_device, synchronize
+from common import DTYPES, describe_device, name_list, setup_device, synchronize, training_step
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from modules.kernel_warehouse.functional import IMPLEMENTATIONS, use_implementation  # noqa: E402
@@ -49,16 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def training_step(model, optimizer, x, y, dtype: str, device: torch.device, **autocast) -> Callable[[], None]:
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None, **autocast):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-    return step
-
-
 def time_eager(step: Callable[[], None], args, device) -> Dict[str, float]:
     steps, queued = [], []
     for _ in range(args.repeats):
@@ -72,7 +61,7 @@ def time_eager(step: Callable[[], None], args, device) -> Dict[str, float]:
     return {'step': median(steps), 'queued': median(queued)}
 
 
-def kernel_time(step: Callable[[], None], device, top: int) -> (float, List[str]):
+def kernel_time(step: Callable[[], None], device, top: int) -> Tuple[float, List[str]]:
     """Seconds of GPU kernels in one step, and the ``top`` longest kernels."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
@@ -85,7 +74,7 @@ def kernel_time(step: Callable[[], None], device, top: int) -> (float, List[str]
 
 def graph_step_time(model, optimizer, x, y, args, device) -> float:
     """Seconds per step of the training step captured in a CUDA graph and replayed."""
-    step = training_step(model, optimizer, x, y, args.dtype, device, cache_enabled=False)  # as graphs need
+    step = training_step(model, optimizer, x, y, DTYPES[args.dtype], cache_enabled=False)  # as graphs need
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
@@ -114,7 +103,7 @@ def main(argv=None) -> None:
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
         y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
         with use_implementation(args.impl):
-            step = training_step(model, optimizer, x, y, args.dtype, device)
+            step = training_step(model, optimizer, x, y, DTYPES[args.dtype])
             for _ in range(args.warmup):
                 step()
             eager = time_eager(step, args, device)
