@@ -265,7 +265,7 @@ def _fold(grad_cols: torch.Tensor, g: KWConvGeometry, input_size: Sequence[int],
     if _is_plain_view(g):
         return grad_cols.reshape(batch, g.in_planes, *input_size)
     # One strided addition per tap: F.fold (col2im, one kernel) needs a second, channel-major copy of
-    # the unfolded gradient and was slower on the CPU and on an H200 (README, Performance).
+    # the unfolded gradient, which took more memory and time on an H200 (README, Performance).
     padded = [size + 2 * p for size, p in zip(input_size, g.padding)]
     grad_x = grad_cols.new_zeros(batch, g.groups, g.groups_in, g.cell_shape[2], *padded)
     for index, tap in enumerate(_taps(g)):
