@@ -56,6 +56,7 @@ def train_one_epoch(
         iters_per_epoch: Optional[int] = None,
         start_step: int = 0,
         step_callback: Optional[Callable[[int, int], None]] = None,
+        memory_format: torch.memory_format = torch.preserve_format,
 ) -> Dict[str, float]:
     """Train for one epoch; returns the epoch's average loss, last lr, weight decay and temperature.
 
@@ -63,7 +64,8 @@ def train_one_epoch(
     schedules are indexed by optimizer step, ``temperature_fn(epoch, data_iter_step)`` by data
     iteration. To resume part-way, ``data_loader`` yields only the rest of the epoch, which has
     ``iters_per_epoch`` iterations in all, starting after optimizer step ``start_step``.
-    ``step_callback(epoch, steps_done)`` runs after every optimizer step.
+    ``step_callback(epoch, steps_done)`` runs after every optimizer step. Images are moved to the
+    device in ``memory_format`` (``torch.channels_last`` for ``--channels_last``).
     """
     model.train(True)
     kw_model = unwrap_model(model)
@@ -88,7 +90,7 @@ def train_one_epoch(
             temperature = temperature_fn(epoch, data_iter_step)
             kw_model.net_update_temperature(temperature)
 
-        samples = samples.to(device, non_blocking=True)
+        samples = samples.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -129,7 +131,8 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10,
-             temperature: float = 0.0) -> Dict[str, float]:
+             temperature: float = 0.0, memory_format: torch.memory_format = torch.preserve_format
+             ) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%) and loss over the whole loader, summed over all processes.
 
     The model runs at ``temperature``: 0 for a trained model; during the temperature schedule,
@@ -142,7 +145,7 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
     metric_logger = MetricLogger()
     loss_sum = correct1 = correct5 = count = 0.0
     for images, targets in metric_logger.log_every(data_loader, print_freq, 'Test:'):
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(images)

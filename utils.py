@@ -217,6 +217,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 # Logging
 # ----------------------------------------------------------------------------------------------
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Store ``model``'s 4-D parameters and buffers channels-last, in place; returns ``model``.
+
+    ``model.to(memory_format=torch.channels_last)`` converts every 4-D and 5-D tensor and fails on
+    the 5-D warehouse cells of 2-D KW convolutions (``[n, cell_out, cell_in, kh, kw]``); those need no
+    conversion (the GEMM path transposes the cells itself), so only the 4-D tensors are converted.
+    """
+    return model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+
+
 class SmoothedValue:
     """A series of values: median/average over a recent window and the global average."""
 

@@ -21,8 +21,8 @@ from typing import Callable, Dict, List, Optional
 import timm
 import torch
 
-from common import (DTYPES, describe_device, format_bytes, int_list, name_list, peak_memory_function,
-                    setup_device, time_per_call, training_step)
+from common import (DTYPES, describe_device, format_bytes, in_memory_format, int_list, memory_format,
+                    name_list, peak_memory_function, setup_device, time_per_call, training_step)
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from modules.kernel_warehouse import KWConvNd  # noqa: E402
@@ -78,10 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_variants(args, device: torch.device) -> List[Variant]:
     variants = []
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for name in args.models:
         torch.manual_seed(0)
-        model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=memory_format)
+        model = in_memory_format(timm.create_model(name, num_classes=args.num_classes).to(device),
+                                 args.channels_last)
         if hasattr(model, 'net_update_temperature'):
             model.net_update_temperature(args.temperature)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -106,8 +106,8 @@ def step_functions(variant: Variant, x: torch.Tensor, y: torch.Tensor,
 
 def measure(args, device: torch.device, variants: List[Variant], batch: int, dtype: str) -> None:
     """Fill every variant's times (seconds per step) and peak memory for one batch size and dtype."""
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=memory_format)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(
+        memory_format=memory_format(args.channels_last))
     y = torch.randint(0, args.num_classes, (batch,), device=device)
     steps = [step_functions(v, x, y, DTYPES[dtype]) for v in variants]
     for variant in variants:

@@ -14,6 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run from anywhere without installing
 
+from utils import to_channels_last  # noqa: E402
+
 # Autocast dtypes by name; 'fp32' runs without autocast.
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -31,6 +33,16 @@ def name_list(text: str, choices=None, what: str = 'value') -> List[str]:
     if unknown or not names:
         raise SystemExit(f'error: unknown {what} {", ".join(unknown) or repr(text)}; choose from {", ".join(choices)}')
     return names
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout ``--channels-last`` asks for the inputs."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def in_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """``model`` with its 4-D weights channels-last if ``channels_last`` (see ``utils.to_channels_last``)."""
+    return to_channels_last(model) if channels_last else model
 
 
 def resolve_device(name: str) -> torch.device:

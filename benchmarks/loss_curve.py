@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
-from common import DTYPES, describe_device, name_list, setup_device
+from common import DTYPES, describe_device, in_memory_format, memory_format, name_list, setup_device
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from datasets import Digits  # noqa: E402
@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--temp-steps', type=int, default=None, help='steps of temperature decay (default: half)')
     parser.add_argument('--window', type=int, default=10, help='steps per mean loss')
+    parser.add_argument('--channels-last', action='store_true', help='model and images in channels_last')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     args = parser.parse_args(argv)
     name_list(args.model, timm.list_models(), 'model')
@@ -58,7 +59,8 @@ def batches(args, device: torch.device) -> List[tuple]:
     for step in range(args.steps):
         idx = [order[(step * args.batch_size + j) % len(order)] for j in range(args.batch_size)]
         images, labels = zip(*(dataset[i] for i in idx))
-        result.append((torch.stack(images).to(device), torch.tensor(labels, device=device)))
+        images = torch.stack(images).to(device, memory_format=memory_format(args.channels_last))
+        result.append((images, torch.tensor(labels, device=device)))
     return result
 
 
@@ -86,6 +88,7 @@ def main(argv=None) -> None:
     device = setup_device(args)
     torch.manual_seed(0)
     start = timm.create_model(args.model, num_classes=Digits.num_classes, drop_path_rate=0., dropout=0.).to(device)
+    start = in_memory_format(start, args.channels_last)
     data = batches(args, device)
     curves: Dict[str, List[float]] = {}
     for impl in args.impls:
@@ -94,7 +97,7 @@ def main(argv=None) -> None:
     windows = [range(start, min(start + args.window, args.steps)) for start in range(0, args.steps, args.window)]
     means = {impl: [sum(curve[i] for i in w) / len(w) for w in windows] for impl, curve in curves.items()}
     print(f'device: {describe_device(device)}; {args.model}, DIGITS {args.img_size} px, batch {args.batch_size}, '
-          f'{args.dtype}, {args.steps} steps; mean loss per window\n')
+          f'{args.dtype}{", channels_last" if args.channels_last else ""}, {args.steps} steps; mean loss per window\n')
     print('| steps | ' + ' | '.join(args.impls) + ' |')
     print('|' + '---|' * (len(args.impls) + 1))
     for index, window in enumerate(windows):

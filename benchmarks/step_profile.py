@@ -20,7 +20,8 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import DTYPES, describe_device, name_list, setup_device, synchronize, training_step
+from common import (DTYPES, describe_device, in_memory_format, memory_format, name_list, setup_device,
+                    synchronize, training_step)
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from modules.kernel_warehouse.functional import IMPLEMENTATIONS, use_implementation  # noqa: E402
@@ -37,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--channels-last', action='store_true', help='model and input in channels_last')
     parser.add_argument('--top', type=int, default=0, help='list the N kernels that took longest')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     args = parser.parse_args(argv)
@@ -88,33 +90,52 @@ def graph_step_time(model, optimizer, x, y, args, device) -> float:
     return time_eager(graph.replay, args, device)['step']
 
 
+def build(name: str, args, device) -> Tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = in_memory_format(timm.create_model(name).to(device), args.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
+        memory_format=memory_format(args.channels_last))
+    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+    return model, optimizer, x, y
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
     print(f'device: {describe_device(device)}; torch {torch.__version__}; batch {args.batch_size}, '
-          f'{args.img_size} px, {args.dtype}; KW models with impl {args.impl}\n')
-    columns = ['model', 'eager step ms', 'host queueing ms', 'GPU kernels ms', 'eager img/s', 'CUDA graph img/s']
-    print('| ' + ' | '.join(columns) + ' |\n|' + '---|' * len(columns))
-    listings = {}
+          f'{args.img_size} px, {args.dtype}; KW models with impl {args.impl}'
+          f'{"; channels_last" if args.channels_last else ""}\n')
+    rows, listings = {}, {}
+    # Every model's timings first, then the profiles: eager steps timed after the profiler had run on
+    # other models came out up to 1.6x slower than benchmark.py's on an H200 (README, Performance).
     for name in args.models:
-        torch.manual_seed(0)
-        model = timm.create_model(name).to(device).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-        y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+        model, optimizer, x, y = build(name, args, device)
         with use_implementation(args.impl):
             step = training_step(model, optimizer, x, y, DTYPES[args.dtype])
             for _ in range(args.warmup):
                 step()
             eager = time_eager(step, args, device)
-            kernels, graph = 'n/a', 'n/a'
+            graph = 'n/a'
             if device.type == 'cuda':
-                seconds, listings[name] = kernel_time(step, device, args.top)
-                kernels = f'{seconds * 1e3:.1f}'
                 graph = f'{args.batch_size / graph_step_time(model, optimizer, x, y, args, device):.1f}'
-        print(f'| {name} | {eager["step"] * 1e3:.1f} | {eager["queued"] * 1e3:.1f} | {kernels} | '
-              f'{args.batch_size / eager["step"]:.1f} | {graph} |', flush=True)
-        del model, optimizer
+        rows[name] = [f'{eager["step"] * 1e3:.1f}', f'{eager["queued"] * 1e3:.1f}', 'n/a',
+                      f'{args.batch_size / eager["step"]:.1f}', graph]
+        del model, optimizer, step
+    if device.type == 'cuda':
+        for name in args.models:
+            model, optimizer, x, y = build(name, args, device)
+            with use_implementation(args.impl):
+                step = training_step(model, optimizer, x, y, DTYPES[args.dtype])
+                for _ in range(args.warmup):
+                    step()
+                seconds, listings[name] = kernel_time(step, device, args.top)
+            rows[name][2] = f'{seconds * 1e3:.1f}'
+            del model, optimizer, step
+    columns = ['model', 'eager step ms', 'host queueing ms', 'GPU kernels ms', 'eager img/s', 'CUDA graph img/s']
+    print('| ' + ' | '.join(columns) + ' |\n|' + '---|' * len(columns))
+    for name, cells in rows.items():
+        print('| ' + ' | '.join([name] + cells) + ' |')
     for name, listing in listings.items():
         if listing:
             print(f'\n{name}, longest kernels:\n' + '\n'.join(f'- {line}' for line in listing))

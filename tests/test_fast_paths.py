@@ -112,11 +112,18 @@ def test_fast_path_matches_reference(implementation, case, dtype, device, monkey
                  **TOLERANCES[dtype])
 
 
+def _channels_last(x):
+    """``x`` stored with its channels last, for any number of spatial dimensions."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
 @pytest.mark.parametrize('case', ['conv2d_3x3_and_1x1', 'conv2d_output_and_input_blocks', 'conv3d'])
-def test_gemm_in_chunks_matches_reference(case, monkeypatch):
+def test_gemm_in_chunks_matches_reference(case, channels_last, monkeypatch):
     """One cell output channel per chunk: every chunked code path runs."""
     monkeypatch.setitem(kwf.TUNING, 'cpu', kwf.TUNING['cpu']._replace(kernel_chunk_elements=1))
     net, x = _build(case)
+    x = _channels_last(x) if channels_last else x
     assert all(kwf._num_chunks(layer.geometry, x.shape[0], 'cpu') == layer.geometry.cell_shape[1] > 1
                for layer in net.kw_layers)
     _assert_same(_outputs_and_grads(net, x, 'gemm'), _outputs_and_grads(net, x, 'reference'),
@@ -135,11 +142,19 @@ def test_gemm_with_input_that_needs_no_grad():
         torch.testing.assert_close(ours, ref, **TOLERANCES[torch.float64])
 
 
-def test_gemm_channels_last_input():
-    net, x = _build('conv2d_3x3_and_1x1')
-    x = x.contiguous(memory_format=torch.channels_last)
-    _assert_same(_outputs_and_grads(net, x, 'gemm'), _outputs_and_grads(net, x, 'reference'),
-                 **TOLERANCES[torch.float64])
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize('case', sorted(set(CASES) - {'conv2d_depthwise'}))
+def test_gemm_keeps_channels_last_and_matches_reference(case, dtype, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    net, x = _build(case, dtype, device=device)
+    x = _channels_last(x)
+    assert all(kwf.uses_channels_last(x, layer.geometry) for layer in net.kw_layers)
+    outputs, grads = result = _outputs_and_grads(net, x, 'gemm')
+    for out in outputs:  # the output is channels-last too, and so is the input's gradient
+        assert out.movedim(1, -1).is_contiguous()
+    assert grads[0].movedim(1, -1).is_contiguous()
+    _assert_same(result, _outputs_and_grads(net, x, 'reference'), **TOLERANCES[dtype])
 
 
 def test_gemm_kw_linear_matches_reference():
@@ -207,8 +222,10 @@ def test_gemm_supports_first_order_gradients_only():
         grad.sum().backward()
 
 
-def test_compiles_without_graph_breaks():
-    net, x = _build('conv2d_3x3_and_1x1')
+@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
+def test_compiles_without_graph_breaks(channels_last):
+    net, x = _build('conv2d_output_and_input_blocks')
+    x = _channels_last(x) if channels_last else x
     compiled = torch.compile(net, backend='aot_eager', fullgraph=True)
     with use_implementation('gemm'):
         _assert_same(_outputs_and_grads(compiled, x, 'gemm'), _outputs_and_grads(net, x, 'gemm'),

@@ -74,6 +74,22 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-3, atol=1e-5)
 
 
+def test_channels_last_trains_like_the_default_layout(tmp_path):
+    runs = {}
+    for channels_last in ['false', 'true']:
+        out = tmp_path / channels_last
+        run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 4, '--opt', 'sgd', '--lr', 0.01,
+                 '--output_dir', out, '--channels_last', channels_last, *QUICK)
+        runs[channels_last] = read_log(out)[0], torch.load(out / 'checkpoint-0.pth', weights_only=False)['model']
+    (log, weights), (log_cl, weights_cl) = runs['false'], runs['true']
+    assert log_cl['train_loss'] == pytest.approx(log['train_loss'], rel=1e-5)
+    assert log_cl['test_loss'] == pytest.approx(log['test_loss'], rel=1e-4)
+    assert any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+               for w in weights_cl.values())  # the run did store its convolutions channels-last
+    for key, value in weights.items():
+        torch.testing.assert_close(weights_cl[key].contiguous(), value, rtol=1e-4, atol=1e-5)
+
+
 class _TinyKW(nn.Module):
     def __init__(self):
         super().__init__()

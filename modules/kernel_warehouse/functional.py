@@ -254,25 +254,89 @@ def unfold(x: torch.Tensor, g: KWConvGeometry, output_size: Sequence[int], tap_d
     return cols.flatten(2, 3).flatten(3)
 
 
-def _fold(grad_cols: torch.Tensor, g: KWConvGeometry, input_size: Sequence[int],
-          output_size: Sequence[int]) -> torch.Tensor:
-    """The adjoint of :func:`unfold`: sums every tap's gradient back onto the input positions.
+def uses_channels_last(x: torch.Tensor, g: KWConvGeometry) -> bool:
+    """Whether the GEMM path keeps ``x``'s channels-last layout: ``x`` is stored channels-last (e.g.
+    ``torch.channels_last``, or a KW linear layer's tokens) and every cell covers one kernel tap or
+    the whole kernel (true for all released models)."""
+    cell_kernel = g.cell_shape[3:]
+    return (x.dim() > 2 and x.movedim(1, -1).is_contiguous()
+            and (g.groups_spatial == 1 or math.prod(cell_kernel) == 1))
+
+
+def unfold_channels_last(x: torch.Tensor, g: KWConvGeometry, output_size: Sequence[int]) -> torch.Tensor:
+    """im2col of a channels-last ``x``: ``[B, C_in, *S]`` -> ``[B, prod(output_size), groups, K]``.
+
+    Rows run over (spatial block, input block, cell tap, cell_in), the kernel rows of :class:`_GemmConv`
+    with channels last: one contiguous run of channels per tap (for :func:`uses_channels_last`
+    geometries, where either the spatial blocks or the cell taps are single). The windows are strided
+    views (``Tensor.unfold``), so the one copy is the final reshape.
+    """
+    d, batch = len(g.kernel_size), x.shape[0]
+    x = x.movedim(1, -1)  # [B, *S, C_in], contiguous
+    if any(g.padding):
+        x = F.pad(x, [0, 0] + [p for pad in reversed(g.padding) for p in (pad, pad)])
+    if math.prod(g.kernel_size) == 1:  # a (strided) view of the input, rows (i, cell_in) already
+        x = x[(slice(None),) + tuple(slice(None, None, s) for s in g.stride)]
+        return x.reshape(batch, math.prod(output_size), g.groups, -1)
+    for dim, (k, s, dilation) in enumerate(zip(g.kernel_size, g.stride, g.dilation), start=1):
+        x = x.unfold(dim, dilation * (k - 1) + 1, s)  # [B, *O, C_in, *window]
+    if any(dilation > 1 for dilation in g.dilation):
+        x = x[(Ellipsis,) + tuple(slice(None, None, dilation) for dilation in g.dilation)]
+    x = x.unflatten(1 + d, (g.groups, g.groups_in, g.cell_shape[2]))  # [B, *O, groups, i, cell_in, *k]
+    group, block, channel, taps = 1 + d, 2 + d, 3 + d, tuple(range(4 + d, 4 + 2 * d))
+    rows = (group,) + taps + (block, channel) if g.groups_spatial > 1 else (group, block) + taps + (channel,)
+    return x.permute(tuple(range(1 + d)) + rows).reshape(batch, math.prod(output_size), g.groups, -1)
+
+
+def _tap_slices(tap: Sequence[int], g: KWConvGeometry, input_size: Sequence[int],
+                output_size: Sequence[int]):
+    """For kernel tap ``tap``: slices of the output positions whose input position lies inside the
+    unpadded input, and slices of those input positions (``None`` if the tap only reads padding)."""
+    outputs, inputs = [], []
+    for t, d, s, p, size, out in zip(tap, g.dilation, g.stride, g.padding, input_size, output_size):
+        offset = t * d - p  # output position j reads input position j * s + offset
+        first, last = max(0, -(offset // s)), min(out - 1, (size - 1 - offset) // s)
+        if last < first:
+            return None
+        outputs.append(slice(first, last + 1))
+        inputs.append(slice(first * s + offset, last * s + offset + 1, s))
+    return tuple(outputs), tuple(inputs)
+
+
+def _fold(grad_cols: torch.Tensor, g: KWConvGeometry, input_size: Sequence[int], output_size: Sequence[int],
+          channels_last: bool) -> torch.Tensor:
+    """The adjoint of the GEMM path's unfolding: sums every tap's gradient back onto the input.
 
     ``grad_cols`` is ``[B, groups, spatial blocks, input blocks, cell_in, cell taps, *output_size]``
-    with any strides.
+    (:func:`unfold`), or with ``channels_last`` ``[B, *output_size, groups, spatial blocks, input
+    blocks, cell taps, cell_in]`` (:func:`unfold_channels_last`), with any strides. Returns the input's
+    gradient ``[B, C_in, *input_size]``, channels-last strided in the second case.
     """
     batch = grad_cols.shape[0]
     if _is_plain_view(g):
+        if channels_last:
+            return grad_cols.reshape(batch, *input_size, g.in_planes).movedim(-1, 1)
         return grad_cols.reshape(batch, g.in_planes, *input_size)
-    # One strided addition per tap: F.fold (col2im, one kernel) needs a second, channel-major copy of
-    # the unfolded gradient, which took more memory and time on an H200 (README, Performance).
-    padded = [size + 2 * p for size, p in zip(input_size, g.padding)]
-    grad_x = grad_cols.new_zeros(batch, g.groups, g.groups_in, g.cell_shape[2], *padded)
+    # One strided addition per tap, clipped to the unpadded input: F.fold (col2im, one kernel) needs a
+    # second, channel-major copy of the unfolded gradient, which took more memory and time on an H200
+    # (README, Performance).
+    if channels_last:
+        grad_x = grad_cols.new_zeros(batch, *input_size, g.groups, g.groups_in, g.cell_shape[2])
+    else:
+        grad_x = grad_cols.new_zeros(batch, g.groups, g.groups_in, g.cell_shape[2], *input_size)
     for index, tap in enumerate(_taps(g)):
-        tap_grad = grad_cols[:, :, index, :, :, 0] if g.groups_spatial > 1 else grad_cols[:, :, 0, :, :, index]
-        grad_x[(Ellipsis,) + _window(tap, g, output_size)] += tap_grad
-    grad_x = grad_x[(Ellipsis,) + tuple(slice(p, p + size) for p, size in zip(g.padding, input_size))]
-    return grad_x.reshape(batch, g.in_planes, *input_size)
+        slices = _tap_slices(tap, g, input_size, output_size)
+        if slices is None:
+            continue
+        if channels_last:  # the tap is the spatial block (1x1 cells) or the cell tap (whole-kernel cells)
+            tap_grad = grad_cols[..., index, :, 0, :] if g.groups_spatial > 1 else grad_cols[..., 0, :, index, :]
+            grad_x[(slice(None),) + slices[1]].add_(tap_grad[(slice(None),) + slices[0]])
+        else:
+            tap_grad = grad_cols[:, :, index, :, :, 0] if g.groups_spatial > 1 else grad_cols[:, :, 0, :, :, index]
+            grad_x[(Ellipsis,) + slices[1]].add_(tap_grad[(Ellipsis,) + slices[0]])
+    if channels_last:
+        return grad_x.view(batch, *input_size, g.in_planes).movedim(-1, 1)
+    return grad_x.view(batch, g.in_planes, *input_size)
 
 
 def _num_chunks(g: KWConvGeometry, batch: int, device_type: str) -> int:
@@ -296,16 +360,39 @@ def _rows_by_sample(rows: torch.Tensor, g: KWConvGeometry, batch: int) -> torch.
     return rows.permute(1, 2, 0, 3, 4).reshape(-1, rows.shape[-1])
 
 
-def _transposed_cells(cells: torch.Tensor, chunks: int, dtype: torch.dtype) -> torch.Tensor:
+def _transposed_cells(cells: torch.Tensor, chunks: int, dtype: torch.dtype, taps_first: bool) -> torch.Tensor:
     """Cells ``[n, cell_out, cell_in, *ck]`` as ``[n, chunks, cell_in * ck, cell_out / chunks]`` in
-    ``dtype`` (one copy)."""
-    n, cell_out = cells.shape[:2]
-    return _contiguous_copy(cells.reshape(n, chunks, cell_out // chunks, -1).transpose(2, 3), dtype)
+    ``dtype`` (one copy); rows ordered (cell tap, cell_in) instead with ``taps_first``."""
+    n, cell_out, cell_in = cells.shape[:3]
+    cells = cells.reshape(n, chunks, cell_out // chunks, cell_in, -1)
+    rows_first = cells.permute(0, 1, 4, 3, 2) if taps_first else cells.permute(0, 1, 3, 4, 2)
+    return _contiguous_copy(rows_first, dtype).view(n, chunks, -1, cell_out // chunks)
+
+
+def _cells_from_transposed(cells_t: torch.Tensor, cell_shape: Sequence[int], dtype: torch.dtype,
+                           taps_first: bool) -> torch.Tensor:
+    """The inverse of :func:`_transposed_cells` (for the cells' gradient), in ``dtype``, one copy."""
+    n, chunks, _, width = cells_t.shape
+    cell_in = cell_shape[2]
+    if taps_first:
+        cells = cells_t.view(n, chunks, -1, cell_in, width).permute(0, 1, 4, 3, 2)
+    else:
+        cells = cells_t.view(n, chunks, cell_in, -1, width).permute(0, 1, 4, 2, 3)
+    return _contiguous_copy(cells, dtype).view(cell_shape)
 
 
 def _contiguous_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` as a contiguous tensor of ``dtype``: one copy (cast and layout together), always."""
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[:] = a @ b`` (batched), written in place: the BLAS call takes ``out``'s strides as they
+    are. Dynamo cannot trace ``out=`` into a strided view, so compiled code copies instead."""
+    if torch.compiler.is_compiling():
+        out.copy_(torch.bmm(a, b))
+    else:
+        torch.bmm(a, b, out=out)
 
 
 class _GemmConv(torch.autograd.Function):
@@ -321,46 +408,67 @@ class _GemmConv(torch.autograd.Function):
     again in backward instead of being kept. The cells come in their own dtype (the warehouse's)
     and are cast to the input's with their transposition, so that no cast copy is kept for
     backward and their gradient is returned in their dtype by one copy.
+
+    A channels-last input (:func:`uses_channels_last`) stays channels-last: it is unfolded to
+    ``[B, L, groups, K]`` (:func:`unfold_channels_last`, rows (s, i, ck, cell_in)), the output and
+    the input's gradient are channels-last, and every product reads and writes rows of contiguous
+    channels. The products are written the same way for both layouts, on ``[B, K, L]`` and
+    ``[B, C_out, L]`` views; the BLAS call takes the transposed views as they are.
     """
 
     @staticmethod
-    def _setup(x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry):
+    def _setup(x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry, channels_last: bool):
         batch, output_size = x.shape[0], g.output_size(x.shape[2:])
-        cols = unfold(x, g, output_size)  # [B, groups, K, L]
+        if channels_last:
+            cols = unfold_channels_last(x, g, output_size).permute(0, 2, 3, 1)  # [B, groups, K, L] view
+        else:
+            cols = unfold(x, g, output_size)  # [B, groups, K, L]
         chunks = _num_chunks(g, batch, x.device.type)
-        return batch, output_size, cols, _rows_by_block(a, g, batch), _transposed_cells(cells, chunks, x.dtype)
+        cells_t = _transposed_cells(cells, chunks, x.dtype, taps_first=channels_last)
+        return batch, output_size, cols, _rows_by_block(a, g, batch), cells_t
+
+    @staticmethod
+    def _empty_output(x: torch.Tensor, g: KWConvGeometry, positions: int, channels_last: bool) -> torch.Tensor:
+        """``[B, groups_out, cell_out, L]``, a view of ``[B, L, C_out]`` with ``channels_last``."""
+        batch = x.shape[0]
+        if channels_last:
+            return x.new_empty(batch, positions, g.groups_out, g.cell_shape[1]).permute(0, 2, 3, 1)
+        return x.new_empty(batch, g.groups_out, g.cell_shape[1], positions)
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry) -> torch.Tensor:
-        batch, output_size, cols, rows, cells_t = _GemmConv._setup(x, a, cells, g)
+        channels_last = uses_channels_last(x, g)
+        batch, output_size, cols, rows, cells_t = _GemmConv._setup(x, a, cells, g, channels_last)
         chunks, blocks_per_group = cells_t.shape[1], g.groups_out // g.groups
         width, positions = g.cell_shape[1] // chunks, cols.shape[-1]
-        if g.groups_out == 1 and chunks == 1:
-            kernels_t = torch.mm(rows, cells_t[:, 0].reshape(rows.shape[1], -1)).view(batch, -1, width)
-            out = torch.bmm(kernels_t.mT, cols[:, 0])
-        else:
-            out = cols.new_empty(batch, g.groups_out, g.cell_shape[1], positions)
-            for k in range(chunks):
-                kernels_t = torch.mm(rows, cells_t[:, k].reshape(rows.shape[1], -1)).view(
-                    g.groups_out, batch, -1, width)
-                for o in range(g.groups_out):
-                    out[:, o, k * width:(k + 1) * width] = torch.bmm(kernels_t[o].mT, cols[:, o // blocks_per_group])
+        out = _GemmConv._empty_output(x, g, positions, channels_last)
+        for k in range(chunks):
+            kernels_t = torch.mm(rows, cells_t[:, k].reshape(rows.shape[1], -1)).view(g.groups_out, batch, -1, width)
+            for o in range(g.groups_out):
+                _bmm_into(out[:, o, k * width:(k + 1) * width], kernels_t[o].mT, cols[:, o // blocks_per_group])
         ctx.save_for_backward(x, a, cells)
-        ctx.geometry = g
+        ctx.geometry, ctx.channels_last = g, channels_last
         return out.view(batch, g.out_planes, *output_size)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, a, cells = ctx.saved_tensors
-        g = ctx.geometry
+        g, channels_last = ctx.geometry, ctx.channels_last
         need_x, need_a, need_cells = ctx.needs_input_grad[:3]
-        batch, output_size, cols, rows, cells_t = _GemmConv._setup(x, a, cells, g)
+        batch, output_size, cols, rows, cells_t = _GemmConv._setup(x, a, cells, g, channels_last)
         n, chunks, block_rows, width = cells_t.shape
         blocks_per_group, positions = g.groups_out // g.groups, cols.shape[-1]
-        grad_out = grad_out.reshape(batch, g.groups_out, g.cell_shape[1], positions)
-        # group-major, so that each group's gradient is one contiguous [B, K, L] stack
-        grad_cols = cols.new_empty(g.groups, batch, *cols.shape[2:]) if need_x else None
+        if channels_last:
+            grad_out = grad_out.movedim(1, -1).reshape(batch, positions, g.groups_out, -1).permute(0, 2, 3, 1)
+        else:
+            grad_out = grad_out.reshape(batch, g.groups_out, g.cell_shape[1], positions)
+        grad_cols = None
+        if need_x:  # [groups, B, K, L]: each group's gradient one [B, K, L] stack
+            if channels_last:
+                grad_cols = cols.new_empty(batch, positions, g.groups, cols.shape[2]).permute(2, 0, 3, 1)
+            else:
+                grad_cols = cols.new_empty(g.groups, batch, *cols.shape[2:])
         grad_rows, grad_cell_chunks = None, []
         kernel_shape = (g.groups_out, batch, cols.shape[-2], width)
         for k in range(chunks):
@@ -371,11 +479,11 @@ class _GemmConv(torch.autograd.Function):
                 grad_block, group = grad_out[:, o, k * width:(k + 1) * width], o // blocks_per_group
                 if need_x:
                     if k == 0 and o % blocks_per_group == 0:  # the group's first contribution
-                        torch.bmm(kernels_t[o], grad_block, out=grad_cols[group])
+                        _bmm_into(grad_cols[group], kernels_t[o], grad_block)
                     else:
                         grad_cols[group].baddbmm_(kernels_t[o], grad_block)
                 if grad_kernels_t is not None:
-                    torch.bmm(cols[:, group], grad_block.mT, out=grad_kernels_t[o])
+                    _bmm_into(grad_kernels_t[o], cols[:, group], grad_block.mT)
             if grad_kernels_t is not None:
                 grad_kernels_t = grad_kernels_t.view(rows.shape[0], -1)
                 if need_a:
@@ -385,12 +493,16 @@ class _GemmConv(torch.autograd.Function):
                     grad_cell_chunks.append(torch.mm(rows.t(), grad_kernels_t).view(n, 1, block_rows, width))
         grad_x = None
         if need_x:
-            grad_cols = grad_cols.view(g.groups, batch, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
-                                       *output_size)
-            grad_x = _fold(grad_cols.transpose(0, 1), g, x.shape[2:], output_size)
+            if channels_last:  # [B, *O, groups, s, i, ck, cell_in]
+                grad_cols = grad_cols.permute(1, 3, 0, 2).reshape(
+                    batch, *output_size, g.groups, g.groups_spatial, g.groups_in, -1, g.cell_shape[2])
+            else:  # [B, groups, s, i, cell_in, ck, *O]
+                grad_cols = grad_cols.view(g.groups, batch, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
+                                           *output_size).transpose(0, 1)
+            grad_x = _fold(grad_cols, g, x.shape[2:], output_size, channels_last)
         grad_a = _rows_by_sample(grad_rows, g, batch) if need_a else None
         grad_cells = None
         if need_cells:  # back to [n, cell_out, cell_in, *ck] in the cells' dtype, one copy
             grad_cells_t = grad_cell_chunks[0] if chunks == 1 else torch.cat(grad_cell_chunks, dim=1)
-            grad_cells = _contiguous_copy(grad_cells_t.transpose(2, 3), cells.dtype).view(cells.shape)
+            grad_cells = _cells_from_transposed(grad_cells_t, cells.shape, cells.dtype, taps_first=channels_last)
         return grad_x, grad_a, grad_cells, None
