@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modules.kernel_warehouse import Attention
 from utils import MetricLogger, SmoothedValue, UserError, all_reduce_sum, is_main_process, unwrap_model
 
 
@@ -21,6 +22,32 @@ def get_temperature(step: int, epoch: int, iters_per_epoch: int, temp_epoch: flo
     total = iters_per_epoch * temp_epoch
     current = iters_per_epoch * epoch + step + 1
     return temp_end + max(0.0, (temp_init_value - temp_end) * (total - current) / max(1, total))
+
+
+def capture_training_graph(model: nn.Module, sample: torch.Tensor,
+                           amp_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Capture ``model``'s training forward and backward in CUDA graphs, in place; returns ``model``.
+
+    After this, a forward in train mode replays the captured kernels (no Python, no launch per
+    kernel) on a copy of its input, which must have ``sample``'s shape; eval mode runs the model
+    as before. A KW model is host-bound on fast GPUs (README, Performance): its many small kernels
+    take longer to launch than to run. Uses ``torch.cuda.make_graphed_callables``, under autocast to
+    ``amp_dtype`` as in training (its cast cache off, as graphs need). The KW attentions blend their
+    temperature even at 0 (``Attention.blend_always``) and read it from a buffer, so the graph
+    follows the schedule; the warm-up passes leave the model's buffers (batch-norm statistics) as
+    they were.
+    """
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.blend_always = True
+    buffers = [buffer.detach().clone() for buffer in model.buffers()]
+    model.train()
+    with torch.autocast('cuda', dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
+        torch.cuda.make_graphed_callables(model, (sample,))
+    with torch.no_grad():  # in place: the graph reads these tensors
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    return model
 
 
 class NonFiniteLossError(UserError):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 import models
 import utils
 from datasets import DATA_SETS, EpochSampler, ShardSampler, build_dataset
-from engine import NonFiniteLossError, evaluate, get_temperature, train_one_epoch
+from engine import NonFiniteLossError, capture_training_graph, evaluate, get_temperature, train_one_epoch
 from optim_factory import create_optimizer
 from utils import CheckpointError, UserError, str2bool
 
@@ -141,6 +141,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument('--amp_dtype', default='float16', choices=sorted(AMP_DTYPES))
     group.add_argument('--channels_last', type=str2bool, default=False,
                        help='keep images and activations channels-last (faster on GPUs, with AMP most; README)')
+    group.add_argument('--cuda_graph', type=str2bool, default=False,
+                       help='replay the training forward and backward as CUDA graphs (one GPU; README)')
     group.add_argument('--trust_checkpoint', type=str2bool, default=False,
                        help='allow checkpoints that need arbitrary code to load (only from trusted sources)')
 
@@ -500,6 +502,10 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     resolve_device(args)
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != 'cuda':
+        raise UserError('--cuda_graph true needs a CUDA GPU and this run is on the CPU; set --cuda_graph false.')
+    if args.cuda_graph and args.distributed:
+        raise UserError('--cuda_graph true supports one process only; run without torchrun or set --cuda_graph false.')
     seed_everything(args.seed + utils.get_rank())
     cudnn.benchmark = True
 
@@ -529,6 +535,11 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     if args.eval:
         return evaluate(loader_val, model, device, amp_dtype, args.print_freq, state.temperature,
                         memory_format=memory_format(args))
+
+    if args.cuda_graph:  # the batches' shape: the training loader drops the last, incomplete one
+        layout = torch.channels_last if args.channels_last else torch.contiguous_format
+        sample = torch.zeros(args.batch_size, 3, args.input_size, args.input_size, device=device)
+        capture_training_graph(model_without_ddp, sample.contiguous(memory_format=layout), amp_dtype)
 
     # everything is checked: from here on the run writes its outputs
     log_writer = None

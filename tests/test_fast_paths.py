@@ -319,9 +319,9 @@ def test_step_profile_prints_table():
     rows = [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| ')][1:]
     assert [r[0].strip() for r in rows] == ['resnet18', 'kw_resnet18']
     for row in rows:
-        step, queued, kernels, images, graph = (cell.strip() for cell in row[1:])
+        step, queued, kernels, images, graphed_model, graph = (cell.strip() for cell in row[1:])
         assert float(queued) <= float(step) and float(images) > 0
-        assert kernels == graph == 'n/a'  # GPU-only measurements
+        assert kernels == graphed_model == graph == 'n/a'  # GPU-only measurements
 
 
 def test_layer_benchmark_lists_kw_layers():

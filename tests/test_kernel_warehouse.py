@@ -167,6 +167,22 @@ def test_temperature_one_selects_prior(temperature):
     assert torch.equal(weights, prior) == (temperature == 1.0)
 
 
+def test_temperature_buffer_follows_the_float_and_blending_at_zero_changes_nothing():
+    """A CUDA graph reads the temperature from ``temperature_value`` (``engine.capture_training_graph``)."""
+    net, x = _build('conv2d_3x3_and_1x1')
+    attention = net.kw_layers[0].attention
+    set_temperature(net, 0.25)
+    assert attention.temperature == 0.25 and attention.temperature_value.item() == 0.25
+    set_temperature(net, 0.0)
+    unblended = attention(x)
+    attention.blend_always = True
+    assert torch.equal(attention(x), unblended)
+    attention.temperature_value.fill_(0.5)  # what the graph sees when the schedule moves on
+    through_buffer = attention(x)
+    set_temperature(net, 0.5)
+    assert torch.equal(attention(x), through_buffer) and not torch.equal(through_buffer, unblended)
+
+
 def test_sharing_range_fuses_names():
     manager = WarehouseManager(sharing_range='layer_conv')
     assert manager.sharing_range == ('layer', 'conv')

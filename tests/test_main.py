@@ -142,6 +142,16 @@ def test_config_errors_are_one_clear_sentence(config, message, tmp_path, capsys)
     assert not (tmp_path / 'out').exists()
 
 
+def test_cuda_graph_on_the_cpu_fails_cleanly(tmp_path, capsys):
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as exit_info:
+        main.run(['--model', 'kw_resnet18', '--data_set', 'FAKE', '--cuda_graph', 'true', '--output_dir', str(out),
+                  *QUICK])
+    assert exit_info.value.code != 0
+    assert '--cuda_graph true needs a CUDA GPU and this run is on the CPU' in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_missing_data_folder_fails_cleanly_from_the_command_line(tmp_path):
     out = tmp_path / 'out'
     result = subprocess.run(

@@ -26,6 +26,11 @@ class Attention(nn.Module):
     cells into cell ``j`` of sample ``b``'s kernel. Each row is L1-normalised together with an
     extra "zero cell" column (dropped from the output), then blended with a one-hot prior
     ``temperature_prior`` by ``temperature``.
+
+    ``temperature`` is a float; setting it also writes the tensor ``temperature_value`` (a
+    non-persistent buffer) that the blend reads, so that a CUDA graph captured once follows later
+    temperatures. With ``blend_always`` (set by ``engine.capture_training_graph``) the blend runs
+    even at temperature 0, so that the captured graph contains it.
     """
 
     def __init__(
@@ -45,7 +50,7 @@ class Attention(nn.Module):
         self.num_mixtures = num_mixtures
         self.kw_planes = self.planes_per_mixture * num_mixtures
         self.start_cell_idx = start_cell_idx
-        self.temperature = 0.0
+        self.blend_always = False
 
         self.fc1 = nn.Linear(in_planes, hidden_planes, bias=norm_layer is not nn.BatchNorm1d)
         self.norm1 = norm_layer(hidden_planes)
@@ -65,7 +70,18 @@ class Attention(nn.Module):
             self.basis_bias = nn.Parameter(torch.zeros(self.kw_planes))
         # Not saved in checkpoints; rebuilt by ``init_temperature`` at allocation.
         self.register_buffer('temperature_prior', torch.zeros(self.kw_planes), persistent=False)
+        self.register_buffer('temperature_value', torch.zeros(()), persistent=False)
+        self.temperature = 0.0
         self._init_weights()
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = float(value)
+        self.temperature_value.fill_(self._temperature)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -121,8 +137,8 @@ class Attention(nn.Module):
             x = self._map_to_cells(x)
         x = x.reshape(-1, self.planes_per_mixture)
         x = x / (x.abs().sum(dim=1, keepdim=True) + L1_EPS)
-        if self.temperature != 0:
-            t = self.temperature
-            x = (1.0 - t) * x.reshape(-1, self.kw_planes) + t * self.temperature_prior.to(x.dtype)
+        if self._temperature != 0 or self.blend_always:  # (1 - t) * x + t * prior
+            x = torch.lerp(x.reshape(-1, self.kw_planes), self.temperature_prior.to(x.dtype),
+                           self.temperature_value.to(x.dtype))
             x = x.reshape(-1, self.planes_per_mixture)
         return x[:, :-1]
