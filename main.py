@@ -495,7 +495,7 @@ def seed_everything(seed: int) -> None:
 
 def memory_format(args: argparse.Namespace) -> torch.memory_format:
     """The layout images go to the device in (``--channels_last``)."""
-    return torch.channels_last if args.channels_last else torch.preserve_format
+    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
@@ -537,9 +537,8 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
                         memory_format=memory_format(args))
 
     if args.cuda_graph:  # the batches' shape: the training loader drops the last, incomplete one
-        layout = torch.channels_last if args.channels_last else torch.contiguous_format
         sample = torch.zeros(args.batch_size, 3, args.input_size, args.input_size, device=device)
-        capture_training_graph(model_without_ddp, sample.contiguous(memory_format=layout), amp_dtype)
+        capture_training_graph(model_without_ddp, sample.contiguous(memory_format=memory_format(args)), amp_dtype)
 
     # everything is checked: from here on the run writes its outputs
     log_writer = None

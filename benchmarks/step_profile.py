@@ -98,10 +98,15 @@ def graphed_model_step_time(name: str, args, device) -> float:
     and optimizer step run eagerly: what ``main.py --cuda_graph true`` does."""
     model, optimizer, x, y = build(name, args, device)
     capture_training_graph(model, x, DTYPES[args.dtype])
+    return time_eager(warm_step(model, optimizer, x, y, args), args, device)['step']
+
+
+def warm_step(model, optimizer, x, y, args) -> Callable[[], None]:
+    """The training step of ``model`` on ``(x, y)``, run ``--warmup`` times."""
     step = training_step(model, optimizer, x, y, DTYPES[args.dtype])
     for _ in range(args.warmup):
         step()
-    return time_eager(step, args, device)['step']
+    return step
 
 
 def build(name: str, args, device) -> Tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
@@ -121,14 +126,12 @@ def main(argv=None) -> None:
           f'{args.img_size} px, {args.dtype}; KW models with impl {args.impl}'
           f'{"; channels_last" if args.channels_last else ""}\n')
     rows, listings = {}, {}
-    # Every model's timings first, then the profiles: eager steps timed after the profiler had run on
-    # other models came out up to 1.6x slower than benchmark.py's on an H200 (README, Performance).
+    # Every model's timings first, then the profiles, so that no eager step is timed after the profiler
+    # ran: in one H200 session, eager steps timed that way came out 1.6x slower than benchmark.py's.
     for name in args.models:
         model, optimizer, x, y = build(name, args, device)
         with use_implementation(args.impl):
-            step = training_step(model, optimizer, x, y, DTYPES[args.dtype])
-            for _ in range(args.warmup):
-                step()
+            step = warm_step(model, optimizer, x, y, args)
             eager = time_eager(step, args, device)
             graphed_model = graph = 'n/a'
             if device.type == 'cuda':
@@ -141,9 +144,7 @@ def main(argv=None) -> None:
         for name in args.models:
             model, optimizer, x, y = build(name, args, device)
             with use_implementation(args.impl):
-                step = training_step(model, optimizer, x, y, DTYPES[args.dtype])
-                for _ in range(args.warmup):
-                    step()
+                step = warm_step(model, optimizer, x, y, args)
                 seconds, listings[name] = kernel_time(step, device, args.top)
             rows[name][2] = f'{seconds * 1e3:.1f}'
             del model, optimizer, step
