@@ -4,11 +4,13 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modules.kernel_warehouse import set_temperature
 from modules.kernel_warehouse import functional as kwf
@@ -35,6 +37,7 @@ CASES = {
     'conv2d_groups': ([_spec(8, 8, 3, padding=1, groups=2),
                        _spec(8, 16, 1, groups=4, bias=True, name='s_layer1_conv0')],
                       (3, 8, 5, 5), dict(sharing_range='layer', cell_outplane_ratio=0.5, cell_inplane_ratio=0.5)),
+    'conv2d_groups_whole_input': ([_spec(8, 16, 1, groups=2, bias=True)], (3, 8, 5, 5), dict(cell_outplane_ratio=0.25)),
     'conv2d_depthwise': ([_spec(8, 8, 3, padding=1, groups=8)], (3, 8, 5, 5), {}),
     'conv2d_output_and_input_blocks': ([_spec(8, 8, 3, padding=1), _spec(8, 16, 3, stride=2, name='s_layer1_conv0')],
                                        (3, 8, 6, 6), dict(sharing_range='layer', cell_outplane_ratio=0.5,
@@ -42,6 +45,8 @@ CASES = {
     'conv2d_whole_kernel_cells': ([_spec(4, 8, 3, padding=1), _spec(4, 4, 3, name='s_layer1_conv0')],
                                   (3, 4, 5, 5), dict(sharing_range='layer', spatial_partition=False,
                                                      cell_num_ratio=2, cell_inplane_ratio=0.5)),
+    'conv2d_whole_kernel_cells_whole_input': ([_spec(4, 8, 3, padding=1, bias=True)], (3, 4, 5, 5),
+                                              dict(spatial_partition=False, cell_outplane_ratio=0.5)),
     'conv2d_nonlocal_basis_half_cells': ([_spec(4, 4, 3, padding=1), _spec(4, 8, 1, name='s_layer1_conv0')],
                                          (3, 4, 5, 5), dict(sharing_range='layer', nonlocal_basis_ratio=0.5,
                                                             cell_num_ratio=0.5, cell_inplane_ratio=0.5)),
@@ -120,11 +125,11 @@ def _channels_last(x):
 @pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
 @pytest.mark.parametrize('case', ['conv2d_3x3_and_1x1', 'conv2d_output_and_input_blocks', 'conv3d'])
 def test_gemm_in_chunks_matches_reference(case, channels_last, monkeypatch):
-    """One cell output channel per chunk: every chunked code path runs."""
+    """One sample per chunk: every chunked code path runs."""
     monkeypatch.setitem(kwf.TUNING, 'cpu', kwf.TUNING['cpu']._replace(kernel_chunk_elements=1))
     net, x = _build(case)
     x = _channels_last(x) if channels_last else x
-    assert all(kwf._num_chunks(layer.geometry, x.shape[0], 'cpu') == layer.geometry.cell_shape[1] > 1
+    assert x.shape[0] > 1 and all(kwf._samples_per_chunk(layer.geometry, x.shape[0], "cpu") == 1
                for layer in net.kw_layers)
     _assert_same(_outputs_and_grads(net, x, 'gemm'), _outputs_and_grads(net, x, 'reference'),
                  **TOLERANCES[torch.float64])
@@ -211,6 +216,61 @@ def test_gemm_keeps_no_16bit_copy_of_the_cells():
         net(x.requires_grad_())
     assert any(t.data_ptr() == w.data_ptr() and t.dtype == torch.float32 for t in saved for w in warehouses)
     assert not any(t.shape == w.shape and t.dtype == torch.bfloat16 for t in saved for w in warehouses)
+
+
+class _CountProducts(TorchDispatchMode):
+    """Counts the matrix products dispatched inside the block, and the batched ones that write into a
+    column-major output."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+        self.column_major_outputs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__.rstrip('_')  # baddbmm_ (in place) counts as baddbmm
+        if name in ('mm', 'bmm', 'baddbmm'):
+            self.counts[name] += 1
+            written = kwargs.get('out', args[0] if func.overloadpacket.__name__.endswith('_') else None)
+            self.column_major_outputs += written is not None and written.stride(-1) != 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
+@pytest.mark.parametrize('case, layer_index, one_product_per', [
+    ('conv2d_3x3_and_1x1', 0, 'block'),  # 1x1 cells per kernel tap: block-major, one output block
+    ('conv2d_3x3_and_1x1', 1, 'group'),  # sample-major: both output blocks in one product
+    ('conv2d_whole_kernel_cells_whole_input', 0, 'group'),  # sample-major, whole-kernel cells
+    ('conv2d_groups', 1, 'block'),  # block-major, 4 convolution groups of one output block each
+    ('conv2d_groups_whole_input', 0, 'group'),  # sample-major, 2 convolution groups of 2 output blocks
+    ('conv2d_output_and_input_blocks', 1, 'block'),  # block-major, several output blocks
+])
+def test_gemm_products_per_layer(case, layer_index, one_product_per, channels_last):
+    """Each chunk's kernels come from one assembly product and feed one batched product per output block
+    (block-major) or per convolution group (sample-major); backward assembles them again and derives the
+    gradients of mixture weights and cells by one product each."""
+    net, x = _build(case)
+    layer = net.kw_layers[layer_index]
+    g = layer.geometry
+    assert kwf._is_sample_major(g) == (one_product_per == 'group')
+    bmm_per_pass = g.groups if one_product_per == 'group' else g.groups_out
+    x = torch.randn(3, layer.in_planes, 5, 5, dtype=torch.float64)
+    x = (_channels_last(x) if channels_last else x).requires_grad_()
+    # the attention: fc1 is an mm (no bias before BatchNorm), fc2 an addmm; backward, both give 2 mm
+    attention_forward, attention_backward = 1, 4
+    with use_implementation('gemm'):
+        with _CountProducts() as forward:
+            out = layer(x)
+        with _CountProducts() as backward:
+            out.sum().backward()
+    assert forward.counts == Counter(mm=attention_forward + 1, bmm=bmm_per_pass)
+    # backward: per product, the kernels' gradient; per group, the input's gradient from its first
+    # output block, to which the group's other blocks add theirs
+    assert backward.counts == Counter(mm=attention_backward + 1 + 2, bmm=bmm_per_pass + g.groups,
+                                      baddbmm=bmm_per_pass - g.groups)
+    # every product writes rows (the CPU's BLAS took minutes per step of KW ResNet50 in bfloat16 writing columns)
+    assert forward.column_major_outputs == backward.column_major_outputs == 0
 
 
 def test_gemm_supports_first_order_gradients_only():

@@ -114,10 +114,10 @@ class KWConvNd(nn.Module):
         return out.reshape(batch_size, self.out_planes, *out.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mixture_weights = self.attention(x).to(x.dtype)
+        mixture_weights = self.attention(x)  # the fast paths cast it to their compute dtype
         implementation = functional.choose_implementation(self.geometry, x)
         if implementation == 'reference':
-            out = self.reference_conv(x, mixture_weights)
+            out = self.reference_conv(x, mixture_weights.to(x.dtype))
         else:
             cells = self.warehouse_manager.take_cell(self.warehouse_id)
             conv = functional.gemm_conv if implementation == 'gemm' else functional.input_mix_conv

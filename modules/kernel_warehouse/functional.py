@@ -8,7 +8,7 @@ warehouse cells ``E`` (``[n, cell_out, cell_in, *cell_kernel]``):
   with ``B * groups`` groups applies each sample's kernel. Autograd keeps the kernels for backward.
 * ``gemm``: the input is unfolded (im2col; a view for 1x1 convolutions) and multiplied with each
   sample's kernel by batched matrix products, inside an autograd function that keeps only the
-  input, ``a`` and ``E``. Kernels are assembled in chunks of output channels, assembled again in
+  input, ``a`` and ``E``. Kernels are assembled in chunks of samples, assembled again in
   backward, and the gradients of ``a`` and ``E`` come from the kernel gradient chunk by chunk, so
   no tensor of all per-sample kernels (``[B, C_out, C_in / g, *k]``) is kept or, for large ones,
   ever exists. It needs every cell inside one convolution group (:func:`supports_gemm`).
@@ -55,7 +55,10 @@ class Tuning(NamedTuple):
     min_kernel_to_input_ratio: float
     min_kernel_to_input_ratio_16bit: float
     min_batch: int
-    kernel_chunk_elements: int  # largest block of assembled kernels materialised at once
+    # largest block of assembled kernels materialised at once. On the CPU, glibc maps buffers above
+    # 32 MiB afresh on every call: assembling KW ResNet18's layer4 kernels at batch 16 (151 MB) took
+    # 94 ms into a new buffer against 37 ms into a reused one
+    kernel_chunk_elements: int
     # ``input_mix`` is taken where its multiply-accumulates are below this share of the kernel
     # assembly's plus the convolution's (its many small products run slower per MAC)
     input_mix_max_cost_ratio: float = 0.5
@@ -339,13 +342,19 @@ def _fold(grad_cols: torch.Tensor, g: KWConvGeometry, input_size: Sequence[int],
     return grad_x.view(batch, g.in_planes, *input_size)
 
 
-def _num_chunks(g: KWConvGeometry, batch: int, device_type: str) -> int:
-    """Into how many equal parts the cell output channels are split so that the kernels of one part
-    have at most ``Tuning.kernel_chunk_elements`` elements."""
-    cell_out = g.cell_shape[1]
-    total = batch * g.num_mixtures * math.prod(g.cell_shape[1:])
-    limit = tuning(device_type).kernel_chunk_elements
-    return next(c for c in range(1, cell_out + 1) if cell_out % c == 0 and (total // c <= limit or c == cell_out))
+def _samples_per_chunk(g: KWConvGeometry, batch: int, device_type: str) -> int:
+    """How many samples' kernels are assembled at once: as few equal chunks as keep each one's
+    kernels within ``Tuning.kernel_chunk_elements`` elements (one sample at least)."""
+    per_sample = g.out_planes * g.in_planes // g.groups * math.prod(g.kernel_size)
+    chunks = math.ceil(batch / max(1, tuning(device_type).kernel_chunk_elements // per_sample))
+    return math.ceil(batch / chunks)
+
+
+def _is_sample_major(g: KWConvGeometry) -> bool:
+    """Whether the kernels are assembled in the reference's own layout: one cell slot per output
+    block (no spatial or input blocks), so that mixture rows (b, o) and cells ``[n, cell_out, K]``
+    give ``[B, C_out, K]`` directly, and all of a group's output blocks are one product."""
+    return g.groups_spatial == 1 and g.groups_in == 1
 
 
 def _rows_by_block(a: torch.Tensor, g: KWConvGeometry, batch: int) -> torch.Tensor:
@@ -360,36 +369,51 @@ def _rows_by_sample(rows: torch.Tensor, g: KWConvGeometry, batch: int) -> torch.
     return rows.permute(1, 2, 0, 3, 4).reshape(-1, rows.shape[-1])
 
 
-def _transposed_cells(cells: torch.Tensor, chunks: int, dtype: torch.dtype, taps_first: bool) -> torch.Tensor:
-    """Cells ``[n, cell_out, cell_in, *ck]`` as ``[n, chunks, cell_in * ck, cell_out / chunks]`` in
-    ``dtype`` (one copy); rows ordered (cell tap, cell_in) instead with ``taps_first``."""
+def _cell_matrix(cells: torch.Tensor, dtype: torch.dtype, sample_major: bool, taps_first: bool) -> torch.Tensor:
+    """Cells ``[n, cell_out, cell_in, *ck]`` as the right factor of the kernel assembly, in ``dtype``:
+    ``[n, cell_out * K]`` (sample-major) or ``[n, K * cell_out]`` (block-major), the cell's rows ``K``
+    ordered (cell_in, cell tap), or (cell tap, cell_in) with ``taps_first``. At most one copy."""
     n, cell_out, cell_in = cells.shape[:3]
-    cells = cells.reshape(n, chunks, cell_out // chunks, cell_in, -1)
-    rows_first = cells.permute(0, 1, 4, 3, 2) if taps_first else cells.permute(0, 1, 3, 4, 2)
-    return _contiguous_copy(rows_first, dtype).view(n, chunks, -1, cell_out // chunks)
-
-
-def _cells_from_transposed(cells_t: torch.Tensor, cell_shape: Sequence[int], dtype: torch.dtype,
-                           taps_first: bool) -> torch.Tensor:
-    """The inverse of :func:`_transposed_cells` (for the cells' gradient), in ``dtype``, one copy."""
-    n, chunks, _, width = cells_t.shape
-    cell_in = cell_shape[2]
+    cells = cells.reshape(n, cell_out, cell_in, -1)
     if taps_first:
-        cells = cells_t.view(n, chunks, -1, cell_in, width).permute(0, 1, 4, 3, 2)
+        cells = cells.transpose(2, 3)
+    if not sample_major:
+        cells = cells.permute(0, 2, 3, 1)
+    return _contiguous(cells, dtype).view(n, -1)
+
+
+def _cells_from_matrix(matrix: torch.Tensor, cell_shape: Sequence[int], dtype: torch.dtype, sample_major: bool,
+                       taps_first: bool) -> torch.Tensor:
+    """The inverse of :func:`_cell_matrix` (for the cells' gradient), in ``dtype``."""
+    n, cell_out, cell_in = cell_shape[:3]
+    rows = (math.prod(cell_shape[3:]), cell_in) if taps_first else (cell_in, math.prod(cell_shape[3:]))
+    if sample_major:
+        cells = matrix.view(n, cell_out, *rows)
     else:
-        cells = cells_t.view(n, chunks, cell_in, -1, width).permute(0, 1, 4, 2, 3)
-    return _contiguous_copy(cells, dtype).view(cell_shape)
+        cells = matrix.view(n, *rows, cell_out).permute(0, 3, 1, 2)
+    if taps_first:
+        cells = cells.transpose(2, 3)
+    return _contiguous(cells, dtype).view(cell_shape)
 
 
-def _contiguous_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` as a contiguous tensor of ``dtype``: one copy (cast and layout together), always."""
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous tensor of ``dtype``: itself if it is one, else one copy (cast and layout
+    together)."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out[:] = a @ b`` (batched), written in place: the BLAS call takes ``out``'s strides as they
-    are. Dynamo cannot trace ``out=`` into a strided view, so compiled code copies instead."""
-    if torch.compiler.is_compiling():
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """``out[:] = a @ b`` (or ``+=`` with ``accumulate``), batched, written in place: the BLAS call
+    takes ``out``'s strides as they are. A column-major ``out`` gets the transposed product in its
+    transposed view (CPU BLAS paths ran several times slower writing columns). Dynamo cannot trace
+    ``out=`` into a strided view, so compiled code copies instead."""
+    if out.stride(-1) != 1:
+        out, a, b = out.mT, b.mT, a.mT
+    if accumulate:
+        out.baddbmm_(a, b)
+    elif torch.compiler.is_compiling():
         out.copy_(torch.bmm(a, b))
     else:
         torch.bmm(a, b, out=out)
@@ -398,54 +422,81 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 class _GemmConv(torch.autograd.Function):
     """KW convolution by im2col and batched matrix products; keeps only ``x``, ``a`` and the cells.
 
-    With the mixture rows ordered (output block o, sample b, spatial block s, input block i) and the
-    cells transposed to ``[n, cell_in * ck, cell_out]``, ``rows @ cells`` gives for every output
-    block a contiguous stack ``[B, K, cell_out]`` of the samples' transposed kernels, ``K`` running
-    over (s, i, cell_in, ck) like the rows of the unfolded input (:func:`unfold`). So each output
-    block is one batched product over all its taps and input blocks, nothing is reordered, and
-    ``a`` and the cells get their gradients from the kernel gradient by one matrix product each.
-    Cell output channels are processed in chunks (:func:`_num_chunks`); the kernels are assembled
-    again in backward instead of being kept. The cells come in their own dtype (the warehouse's)
-    and are cast to the input's with their transposition, so that no cast copy is kept for
-    backward and their gradient is returned in their dtype by one copy.
+    One matrix product of mixture rows and cells (:func:`_cell_matrix`) assembles the kernels of a
+    chunk of samples (:func:`_samples_per_chunk`), laid out so that each output block's kernels are a
+    ``[B, cell_out, K]`` stack of matrices whose ``K`` columns run like the rows of the unfolded input
+    (:func:`unfold`: spatial block, input block, cell rows). Nothing is reordered: an output block is
+    one batched product over all its taps and input blocks, and ``a`` and the cells get their
+    gradients from the kernel gradient by one matrix product each. Two layouts:
+
+    * sample-major (:func:`_is_sample_major`, e.g. 1x1 layers with whole input channels per cell):
+      rows (b, o), kernels ``[B, C_out, K]`` as in the reference; a group's blocks are one product.
+    * block-major (cells covering kernel taps or input blocks): rows reordered to (o, b, s, i) and
+      cells transposed, so that every block's kernels come out as one contiguous ``[B, K, cell_out]``
+      stack; one product per output block.
+
+    The kernels are assembled again in backward instead of being kept. The cells come in their own
+    dtype (the warehouse's) and are cast to the input's with their transposition, so that no cast
+    copy is kept for backward and their gradient is returned in their dtype.
 
     A channels-last input (:func:`uses_channels_last`) stays channels-last: it is unfolded to
-    ``[B, L, groups, K]`` (:func:`unfold_channels_last`, rows (s, i, ck, cell_in)), the output and
-    the input's gradient are channels-last, and every product reads and writes rows of contiguous
+    ``[B, L, groups, K]`` (:func:`unfold_channels_last`, cell rows (ck, cell_in)), the output and the
+    input's gradient are channels-last, and every product reads and writes rows of contiguous
     channels. The products are written the same way for both layouts, on ``[B, K, L]`` and
     ``[B, C_out, L]`` views; the BLAS call takes the transposed views as they are.
     """
 
     @staticmethod
-    def _setup(x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry, channels_last: bool):
-        batch, output_size = x.shape[0], g.output_size(x.shape[2:])
+    def _setup(x: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry, channels_last: bool):
+        output_size = g.output_size(x.shape[2:])
         if channels_last:
             cols = unfold_channels_last(x, g, output_size).permute(0, 2, 3, 1)  # [B, groups, K, L] view
         else:
             cols = unfold(x, g, output_size)  # [B, groups, K, L]
-        chunks = _num_chunks(g, batch, x.device.type)
-        cells_t = _transposed_cells(cells, chunks, x.dtype, taps_first=channels_last)
-        return batch, output_size, cols, _rows_by_block(a, g, batch), cells_t
+        sample_major = _is_sample_major(g)
+        return output_size, cols, _cell_matrix(cells, x.dtype, sample_major, channels_last), sample_major
 
     @staticmethod
-    def _empty_output(x: torch.Tensor, g: KWConvGeometry, positions: int, channels_last: bool) -> torch.Tensor:
-        """``[B, groups_out, cell_out, L]``, a view of ``[B, L, C_out]`` with ``channels_last``."""
-        batch = x.shape[0]
-        if channels_last:
-            return x.new_empty(batch, positions, g.groups_out, g.cell_shape[1]).permute(0, 2, 3, 1)
-        return x.new_empty(batch, g.groups_out, g.cell_shape[1], positions)
+    def _chunks(a: torch.Tensor, g: KWConvGeometry, batch: int, device_type: str, sample_major: bool):
+        """``(samples, mixture rows)`` per chunk: a slice of the batch and its rows of ``a`` in
+        the layout's order."""
+        size, m = _samples_per_chunk(g, batch, device_type), g.num_mixtures
+        for start in range(0, batch, size):
+            samples = slice(start, min(start + size, batch))
+            rows = a[samples.start * m:samples.stop * m]
+            yield samples, rows if sample_major else _rows_by_block(rows, g, samples.stop - start)
+
+    @staticmethod
+    def _kernels(matrix: torch.Tensor, g: KWConvGeometry, sample_major: bool) -> torch.Tensor:
+        """Assembled kernels (or their gradient) ``[rows, cell size]`` viewed as ``[B, go, cell_out, K]``."""
+        cell_out = g.cell_shape[1]
+        if sample_major:
+            return matrix.view(-1, g.groups_out, cell_out, matrix.shape[1] // cell_out)
+        block_rows = matrix.shape[1] // cell_out * g.groups_spatial * g.groups_in  # K
+        return matrix.view(g.groups_out, -1, block_rows, cell_out).permute(1, 0, 3, 2)
+
+    @staticmethod
+    def _spans(g: KWConvGeometry, sample_major: bool) -> List[Tuple[int, int, int]]:
+        """``(first, end, group)``: output blocks multiplied at once, inside one convolution group."""
+        per_group = g.groups_out // g.groups
+        step = per_group if sample_major else 1
+        return [(o, o + step, o // per_group) for o in range(0, g.groups_out, step)]
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry) -> torch.Tensor:
         channels_last = uses_channels_last(x, g)
-        batch, output_size, cols, rows, cells_t = _GemmConv._setup(x, a, cells, g, channels_last)
-        chunks, blocks_per_group = cells_t.shape[1], g.groups_out // g.groups
-        width, positions = g.cell_shape[1] // chunks, cols.shape[-1]
-        out = _GemmConv._empty_output(x, g, positions, channels_last)
-        for k in range(chunks):
-            kernels_t = torch.mm(rows, cells_t[:, k].reshape(rows.shape[1], -1)).view(g.groups_out, batch, -1, width)
-            for o in range(g.groups_out):
-                _bmm_into(out[:, o, k * width:(k + 1) * width], kernels_t[o].mT, cols[:, o // blocks_per_group])
+        output_size, cols, cell_matrix, sample_major = _GemmConv._setup(x, cells, g, channels_last)
+        batch, positions, cell_out = x.shape[0], cols.shape[-1], g.cell_shape[1]
+        if channels_last:  # [B, C_out, L] views
+            out = x.new_empty(batch, positions, g.out_planes).transpose(1, 2)
+        else:
+            out = x.new_empty(batch, g.out_planes, positions)
+        spans = _GemmConv._spans(g, sample_major)
+        for samples, rows in _GemmConv._chunks(a, g, batch, x.device.type, sample_major):
+            kernels = _GemmConv._kernels(torch.mm(rows, cell_matrix), g, sample_major)
+            for first, end, group in spans:
+                _bmm_into(out[samples, first * cell_out:end * cell_out], kernels[:, first:end].flatten(1, 2),
+                          cols[samples, group])
         ctx.save_for_backward(x, a, cells)
         ctx.geometry, ctx.channels_last = g, channels_last
         return out.view(batch, g.out_planes, *output_size)
@@ -456,53 +507,51 @@ class _GemmConv(torch.autograd.Function):
         x, a, cells = ctx.saved_tensors
         g, channels_last = ctx.geometry, ctx.channels_last
         need_x, need_a, need_cells = ctx.needs_input_grad[:3]
-        batch, output_size, cols, rows, cells_t = _GemmConv._setup(x, a, cells, g, channels_last)
-        n, chunks, block_rows, width = cells_t.shape
-        blocks_per_group, positions = g.groups_out // g.groups, cols.shape[-1]
-        if channels_last:
-            grad_out = grad_out.movedim(1, -1).reshape(batch, positions, g.groups_out, -1).permute(0, 2, 3, 1)
+        output_size, cols, cell_matrix, sample_major = _GemmConv._setup(x, cells, g, channels_last)
+        batch, positions, cell_out = x.shape[0], cols.shape[-1], g.cell_shape[1]
+        if channels_last:  # [B, C_out, L] views
+            grad_out = grad_out.movedim(1, -1).reshape(batch, positions, g.out_planes).transpose(1, 2)
         else:
-            grad_out = grad_out.reshape(batch, g.groups_out, g.cell_shape[1], positions)
+            grad_out = grad_out.reshape(batch, g.out_planes, positions)
         grad_cols = None
-        if need_x:  # [groups, B, K, L]: each group's gradient one [B, K, L] stack
+        if need_x:  # [B, groups, K, L]
             if channels_last:
-                grad_cols = cols.new_empty(batch, positions, g.groups, cols.shape[2]).permute(2, 0, 3, 1)
+                grad_cols = cols.new_empty(batch, positions, g.groups, cols.shape[2]).permute(0, 2, 3, 1)
             else:
-                grad_cols = cols.new_empty(g.groups, batch, *cols.shape[2:])
-        grad_rows, grad_cell_chunks = None, []
-        kernel_shape = (g.groups_out, batch, cols.shape[-2], width)
-        for k in range(chunks):
-            cells_k = cells_t[:, k].reshape(n, -1)
-            kernels_t = torch.mm(rows, cells_k).view(kernel_shape) if need_x else None
-            grad_kernels_t = rows.new_empty(kernel_shape) if need_a or need_cells else None
-            for o in range(g.groups_out):
-                grad_block, group = grad_out[:, o, k * width:(k + 1) * width], o // blocks_per_group
+                grad_cols = torch.empty_like(cols, memory_format=torch.contiguous_format)
+        spans, per_group = _GemmConv._spans(g, sample_major), g.groups_out // g.groups
+        grad_row_chunks, grad_cell_matrix = [], None
+        for samples, rows in _GemmConv._chunks(a, g, batch, x.device.type, sample_major):
+            kernels = _GemmConv._kernels(torch.mm(rows, cell_matrix), g, sample_major) if need_x else None
+            grad_kernels = rows.new_empty(rows.shape[0], cell_matrix.shape[1]) if need_a or need_cells else None
+            for first, end, group in spans:
+                grad_block = grad_out[samples, first * cell_out:end * cell_out]
                 if need_x:
-                    if k == 0 and o % blocks_per_group == 0:  # the group's first contribution
-                        _bmm_into(grad_cols[group], kernels_t[o], grad_block)
-                    else:
-                        grad_cols[group].baddbmm_(kernels_t[o], grad_block)
-                if grad_kernels_t is not None:
-                    _bmm_into(grad_kernels_t[o], cols[:, group], grad_block.mT)
-            if grad_kernels_t is not None:
-                grad_kernels_t = grad_kernels_t.view(rows.shape[0], -1)
-                if need_a:
-                    grad_rows = (torch.mm(grad_kernels_t, cells_k.t()) if grad_rows is None
-                                 else grad_rows.addmm_(grad_kernels_t, cells_k.t()))
-                if need_cells:
-                    grad_cell_chunks.append(torch.mm(rows.t(), grad_kernels_t).view(n, 1, block_rows, width))
+                    _bmm_into(grad_cols[samples, group], kernels[:, first:end].flatten(1, 2).mT, grad_block,
+                              accumulate=first != group * per_group)  # after the group's first contribution
+                if grad_kernels is not None:
+                    _bmm_into(_GemmConv._kernels(grad_kernels, g, sample_major)[:, first:end].flatten(1, 2),
+                              grad_block, cols[samples, group].mT)
+            if need_a:
+                grad_rows = torch.mm(grad_kernels, cell_matrix.t())
+                grad_row_chunks.append(grad_rows if sample_major else
+                                       _rows_by_sample(grad_rows, g, samples.stop - samples.start))
+            if need_cells:
+                grad_cell_matrix = (torch.mm(rows.t(), grad_kernels) if grad_cell_matrix is None
+                                    else grad_cell_matrix.addmm_(rows.t(), grad_kernels))
         grad_x = None
         if need_x:
             if channels_last:  # [B, *O, groups, s, i, ck, cell_in]
-                grad_cols = grad_cols.permute(1, 3, 0, 2).reshape(
+                grad_cols = grad_cols.permute(0, 3, 1, 2).reshape(
                     batch, *output_size, g.groups, g.groups_spatial, g.groups_in, -1, g.cell_shape[2])
             else:  # [B, groups, s, i, cell_in, ck, *O]
-                grad_cols = grad_cols.view(g.groups, batch, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
-                                           *output_size).transpose(0, 1)
+                grad_cols = grad_cols.view(batch, g.groups, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
+                                           *output_size)
             grad_x = _fold(grad_cols, g, x.shape[2:], output_size, channels_last)
-        grad_a = _rows_by_sample(grad_rows, g, batch) if need_a else None
+        grad_a = None
+        if need_a:
+            grad_a = grad_row_chunks[0] if len(grad_row_chunks) == 1 else torch.cat(grad_row_chunks)
         grad_cells = None
-        if need_cells:  # back to [n, cell_out, cell_in, *ck] in the cells' dtype, one copy
-            grad_cells_t = grad_cell_chunks[0] if chunks == 1 else torch.cat(grad_cell_chunks, dim=1)
-            grad_cells = _cells_from_transposed(grad_cells_t, cells.shape, cells.dtype, taps_first=channels_last)
+        if need_cells:  # back to [n, cell_out, cell_in, *ck] in the cells' dtype
+            grad_cells = _cells_from_matrix(grad_cell_matrix, cells.shape, cells.dtype, sample_major, channels_last)
         return grad_x, grad_a, grad_cells, None
