@@ -392,3 +392,17 @@ def test_layer_benchmark_lists_kw_layers():
     assert len(rows) == 19  # every KW conv of the ResNet-18
     assert all(row.split('|')[-2].strip() in ('reference', 'gemm', 'input_mix') for row in rows)
     assert any(row.split('|')[-2].strip() == 'input_mix' for row in rows)  # the last stage at 32 px
+
+
+def test_operator_count_table():
+    result = _python('benchmarks/count_ops.py', '--models', 'resnet18,kw_resnet18', '--batch-size', '2',
+                     '--img-size', '32', '--dtype', 'fp32', '--top', '40')
+    assert result.returncode == 0, result.stderr
+    rows = [[cell.strip() for cell in line.split('|')[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith('| ')][1:]
+    (plain, plain_ops, plain_computing, plain_kw, plain_per), (kw, ops, computing, kw_layers, per) = rows
+    assert (plain, plain_kw, plain_per, kw, kw_layers) == ('resnet18', '0', '-', 'kw_resnet18', '19')
+    assert int(plain_computing) < int(plain_ops) and int(computing) < int(ops)
+    assert int(computing) > int(plain_computing) and float(per) == pytest.approx(int(computing) / 19, abs=0.05)
+    frequent = result.stdout.split('kw_resnet18: ')[1]
+    assert 'view (view)' in frequent and 'bmm ' in frequent and 'bmm (view)' not in frequent
