@@ -493,11 +493,6 @@ def seed_everything(seed: int) -> None:
 # The run
 # ----------------------------------------------------------------------------------------------
 
-def memory_format(args: argparse.Namespace) -> torch.memory_format:
-    """The layout images go to the device in (``--channels_last``)."""
-    return torch.channels_last if args.channels_last else torch.contiguous_format
-
-
 def main(args: argparse.Namespace) -> Dict[str, float]:
     resolve_device(args)
     utils.init_distributed_mode(args)
@@ -532,13 +527,14 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
         state.auto_resume(output_dir)
     print(f'Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {args.nb_classes} classes')
 
+    layout = utils.memory_format(args.channels_last)
     if args.eval:
         return evaluate(loader_val, model, device, amp_dtype, args.print_freq, state.temperature,
-                        memory_format=memory_format(args))
+                        memory_format=layout)
 
     if args.cuda_graph:  # the batches' shape: the training loader drops the last, incomplete one
         sample = torch.zeros(args.batch_size, 3, args.input_size, args.input_size, device=device)
-        capture_training_graph(model_without_ddp, sample.contiguous(memory_format=memory_format(args)), amp_dtype)
+        capture_training_graph(model_without_ddp, sample.contiguous(memory_format=layout), amp_dtype)
 
     # everything is checked: from here on the run writes its outputs
     log_writer = None
@@ -576,6 +572,7 @@ def train(args, model, state: RunState, loader_train, loader_val, device, amp_dt
                 and steps_done < steps_per_epoch:
             state.save(epoch, f'{epoch}-step{steps_done}', step=steps_done)
 
+    layout = utils.memory_format(args.channels_last)
     test_stats: Dict[str, float] = {}
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -589,7 +586,7 @@ def train(args, model, state: RunState, loader_train, loader_val, device, amp_dt
                 model_ema=state.model_ema, mixup_fn=mixup_fn, log_writer=log_writer, lr_schedule=lr_schedule,
                 wd_schedule=wd_schedule, temperature_fn=temperature_fn, print_freq=args.print_freq,
                 iters_per_epoch=iters_per_epoch, start_step=start_step, step_callback=step_callback,
-                memory_format=memory_format(args))
+                memory_format=layout)
         except NonFiniteLossError as error:
             last = f'the last good checkpoint is {state.last_saved}' if state.last_saved else 'no checkpoint was saved'
             raise UserError(f'{error} Nothing was saved after it; {last}.') from None
@@ -599,7 +596,7 @@ def train(args, model, state: RunState, loader_train, loader_val, device, amp_dt
         log_stats = {f'train_{k}': v for k, v in train_stats.items()}
         if loader_val is not None:
             test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, state.temperature,
-                                  memory_format=memory_format(args))
+                                  memory_format=layout)
             if test_stats['acc1'] > state.max_accuracy:
                 state.max_accuracy = test_stats['acc1']
                 if saving:
@@ -608,7 +605,7 @@ def train(args, model, state: RunState, loader_train, loader_val, device, amp_dt
             log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
             if state.model_ema is not None and args.model_ema_eval:
                 ema_stats = evaluate(loader_val, state.model_ema.module, device, amp_dtype, args.print_freq,
-                                     state.temperature, memory_format=memory_format(args))
+                                     state.temperature, memory_format=layout)
                 state.max_accuracy_ema = max(state.max_accuracy_ema, ema_stats['acc1'])
                 print(f'Max EMA accuracy: {state.max_accuracy_ema:.2f}%')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})

@@ -214,8 +214,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging
+# Memory layout
 # ----------------------------------------------------------------------------------------------
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of images (and activations) for ``--channels_last``."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
 
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Store ``model``'s 4-D parameters and buffers channels-last, in place; returns ``model``.
@@ -226,6 +231,10 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     """
     return model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------
 
 class SmoothedValue:
     """A series of values: median/average over a recent window and the global average."""

@@ -5,8 +5,9 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run from anywhere without installing
 
-from utils import to_channels_last  # noqa: E402
+from utils import memory_format, to_channels_last  # noqa: E402
 
 # Autocast dtypes by name; 'fp32' runs without autocast.
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -35,14 +36,24 @@ def name_list(text: str, choices=None, what: str = 'value') -> List[str]:
     return names
 
 
-def memory_format(channels_last: bool) -> torch.memory_format:
-    """The layout ``--channels-last`` asks for the inputs."""
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def in_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
     """``model`` with its 4-D weights channels-last if ``channels_last`` (see ``utils.to_channels_last``)."""
     return to_channels_last(model) if channels_last else model
+
+
+def build_for_training(name: str, args, device: torch.device
+                       ) -> Tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    """Model ``name`` (registered with timm) in train mode, SGD with momentum, and one random batch
+    ``(x, y)`` of ``args.batch_size`` images of ``args.img_size`` px, model and images in the layout
+    of ``args.channels_last``. The optimizer updates all parameters by one multi-tensor operator on
+    every device (the CPU's default is one per parameter, CUDA's is this)."""
+    torch.manual_seed(0)
+    model = in_memory_format(timm.create_model(name).to(device), args.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
+        memory_format=memory_format(args.channels_last))
+    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+    return model, optimizer, x, y
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import DTYPES, in_memory_format, memory_format, name_list, training_step
+from common import DTYPES, build_for_training, name_list, training_step
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from modules.kernel_warehouse import KWConvNd  # noqa: E402
@@ -62,11 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def count_step(name: str, args):
     """The operator counter of one training step of model ``name``, and its number of KW convolutions."""
-    torch.manual_seed(0)
-    model = in_memory_format(timm.create_model(name, num_classes=10), args.channels_last)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=memory_format(args.channels_last))
-    y = torch.randint(0, 10, (args.batch_size,))
-    step = training_step(model, torch.optim.SGD(model.parameters(), lr=0.01), x, y, DTYPES[args.dtype])
+    model, optimizer, x, y = build_for_training(name, args, torch.device('cpu'))
+    step = training_step(model, optimizer, x, y, DTYPES[args.dtype])
     with use_implementation(args.impl):
         step()  # optimizer state and lazy initialisation out of the way
         counter = OperatorCounter()
@@ -77,7 +74,7 @@ def count_step(name: str, args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(f'one training step (SGD) at batch {args.batch_size}, {args.img_size} px, {args.dtype}'
+    print(f'one training step (SGD with momentum) at batch {args.batch_size}, {args.img_size} px, {args.dtype}'
           f'{", channels_last" if args.channels_last else ""}; KW implementation {args.impl}\n')
     print('| model | operators | computing (not views) | KW convolutions | computing per KW convolution |')
     print('|---|---|---|---|---|')

@@ -22,8 +22,7 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import (DTYPES, describe_device, in_memory_format, memory_format, name_list, setup_device,
-                    synchronize, training_step)
+from common import DTYPES, build_for_training, describe_device, name_list, setup_device, synchronize, training_step
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from engine import capture_training_graph  # noqa: E402
@@ -96,7 +95,7 @@ def graph_step_time(model, optimizer, x, y, args, device) -> float:
 def graphed_model_step_time(name: str, args, device) -> float:
     """Seconds per step with the model's forward and backward captured as CUDA graphs and the loss
     and optimizer step run eagerly: what ``main.py --cuda_graph true`` does."""
-    model, optimizer, x, y = build(name, args, device)
+    model, optimizer, x, y = build_for_training(name, args, device)
     capture_training_graph(model, x, DTYPES[args.dtype])
     return time_eager(warm_step(model, optimizer, x, y, args), args, device)['step']
 
@@ -109,16 +108,6 @@ def warm_step(model, optimizer, x, y, args) -> Callable[[], None]:
     return step
 
 
-def build(name: str, args, device) -> Tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = in_memory_format(timm.create_model(name).to(device), args.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
-        memory_format=memory_format(args.channels_last))
-    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
-    return model, optimizer, x, y
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
@@ -129,7 +118,7 @@ def main(argv=None) -> None:
     # Every model's timings first, then the profiles, so that no eager step is timed after the profiler
     # ran: in one H200 session, eager steps timed that way came out 1.6x slower than benchmark.py's.
     for name in args.models:
-        model, optimizer, x, y = build(name, args, device)
+        model, optimizer, x, y = build_for_training(name, args, device)
         with use_implementation(args.impl):
             step = warm_step(model, optimizer, x, y, args)
             eager = time_eager(step, args, device)
@@ -142,7 +131,7 @@ def main(argv=None) -> None:
                       f'{args.batch_size / eager["step"]:.1f}', graphed_model, graph]
     if device.type == 'cuda':
         for name in args.models:
-            model, optimizer, x, y = build(name, args, device)
+            model, optimizer, x, y = build_for_training(name, args, device)
             with use_implementation(args.impl):
                 step = warm_step(model, optimizer, x, y, args)
                 seconds, listings[name] = kernel_time(step, device, args.top)

@@ -525,14 +525,14 @@ class _GemmConv(torch.autograd.Function):
         for samples, rows in _GemmConv._chunks(a, g, batch, x.device.type, sample_major):
             kernels = _GemmConv._kernels(torch.mm(rows, cell_matrix), g, sample_major) if need_x else None
             grad_kernels = rows.new_empty(rows.shape[0], cell_matrix.shape[1]) if need_a or need_cells else None
+            grad_kernel_view = _GemmConv._kernels(grad_kernels, g, sample_major) if grad_kernels is not None else None
             for first, end, group in spans:
                 grad_block = grad_out[samples, first * cell_out:end * cell_out]
                 if need_x:
                     _bmm_into(grad_cols[samples, group], kernels[:, first:end].flatten(1, 2).mT, grad_block,
                               accumulate=first != group * per_group)  # after the group's first contribution
                 if grad_kernels is not None:
-                    _bmm_into(_GemmConv._kernels(grad_kernels, g, sample_major)[:, first:end].flatten(1, 2),
-                              grad_block, cols[samples, group].mT)
+                    _bmm_into(grad_kernel_view[:, first:end].flatten(1, 2), grad_block, cols[samples, group].mT)
             if need_a:
                 grad_rows = torch.mm(grad_kernels, cell_matrix.t())
                 grad_row_chunks.append(grad_rows if sample_major else
