@@ -143,6 +143,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help='keep images and activations channels-last (faster on GPUs, with AMP most; README)')
     group.add_argument('--cuda_graph', type=str2bool, default=False,
                        help='replay the training forward and backward as CUDA graphs (one GPU; README)')
+    group.add_argument('--compile', type=str2bool, default=False,
+                       help='run the model through torch.compile (fewer, fused kernels; also under torchrun; README)')
+    group.add_argument('--compile_backend', default='inductor',
+                       help="torch.compile's backend (torch.compiler.list_backends())")
     group.add_argument('--trust_checkpoint', type=str2bool, default=False,
                        help='allow checkpoints that need arbitrary code to load (only from trusted sources)')
 
@@ -234,6 +238,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError('--eval true needs the weights to evaluate: add --resume CHECKPOINT.')
     if uses_mixup(args) and args.mixup_mode == 'batch' and args.batch_size % 2:
         raise UserError(f'--batch_size must be even with mixup/cutmix in batch mode, got {args.batch_size}.')
+    if args.compile and args.cuda_graph:
+        raise UserError('--compile true and --cuda_graph true are two ways to cut launch overhead and cannot be '
+                        'combined; set one of them to false.')
+    if args.compile and args.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise UserError(f'unknown --compile_backend {args.compile_backend!r}; choose from '
+                        f'{", ".join(torch.compiler.list_backends(exclude_tags=()))}.')
 
 
 def parse_args(argv: Optional[List[str]] = None,
@@ -514,6 +524,8 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     model_without_ddp = model
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.gpu is not None else None)
+    if args.compile:  # checkpoints, EMA and the optimizer keep using the uncompiled model_without_ddp
+        model = torch.compile(model, backend=args.compile_backend)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     amp_dtype = AMP_DTYPES[args.amp_dtype] if args.use_amp else None
     optimizer = create_optimizer(args, model_without_ddp)

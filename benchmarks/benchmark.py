@@ -10,7 +10,9 @@ random batch. After ``--warmup`` steps every configuration is timed ``--repeats`
 reported. A training step is forward, cross-entropy, backward and an SGD (momentum 0.9) step;
 inference runs in ``torch.inference_mode``. CUDA timings are synchronised. Peak memory is what a
 step needs beyond the model and optimizer state resident before it: ``torch.cuda.max_memory_allocated``
-on CUDA, the rise of the process's peak resident set on Linux CPUs (``n/a`` elsewhere).
+on CUDA, the rise of the process's peak resident set on Linux CPUs (``n/a`` elsewhere). With
+``--compile`` every row is timed again under ``torch.compile`` (``... compiled``), its speed-up
+still relative to the eager reference.
 """
 import argparse
 import contextlib
@@ -38,11 +40,16 @@ class Variant:
     impl: Optional[str]
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    compiled: bool = False  # ``model`` is the torch.compile wrapper of the eager variant's model
     times: Dict[str, List[float]] = field(default_factory=lambda: {m: [] for m in MODES})
     memory: Dict[str, Optional[int]] = field(default_factory=dict)
 
     def context(self):
         return use_implementation(self.impl) if self.impl else contextlib.nullcontext()
+
+    @property
+    def label(self) -> str:
+        return ' '.join(filter(None, [self.impl, 'compiled' if self.compiled else None])) or '-'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--channels-last', action='store_true', help='model and input in channels_last')
     parser.add_argument('--temperature', type=float, default=0.0, help='KW temperature during the steps')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--compile', action='store_true',
+                        help='also time every row under torch.compile, next to the eager one (it compiles during '
+                             'the warm-up steps: keep --warmup >= 1)')
+    parser.add_argument('--compile-backend', default='inductor', help="torch.compile's backend")
     args = parser.parse_args(argv)
     args.models = name_list(args.models, timm.list_models(), 'model')
     args.batch_sizes = int_list(args.batch_sizes)
@@ -73,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise SystemExit(f'error: --{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     if any(b < 1 for b in args.batch_sizes):
         raise SystemExit(f'error: batch sizes must be positive, got {args.batch_sizes}')
+    if args.compile:
+        name_list(args.compile_backend, torch.compiler.list_backends(exclude_tags=()), 'compile backend')
     return args
 
 
@@ -88,6 +101,12 @@ def build_variants(args, device: torch.device) -> List[Variant]:
         is_kw = any(isinstance(m, KWConvNd) for m in model.modules())
         for impl in (args.impls if is_kw else [None]):
             variants.append(Variant(name, impl, model, optimizer))
+            if args.compile:  # one graph per implementation, mode, dtype and batch size, all kept
+                compiled = torch.compile(model, backend=args.compile_backend)
+                variants.append(Variant(name, impl, compiled, optimizer, compiled=True))
+    if args.compile:  # room for every variant's graphs; past the limit, time nothing rather than eager code
+        torch._dynamo.config.recompile_limit = 2 * len(variants) * len(args.dtypes) * len(args.batch_sizes)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     return variants
 
 
@@ -132,10 +151,10 @@ def table_rows(args, variants: List[Variant], batch: int, dtype: str) -> List[st
     def throughput(variant, mode):
         return batch / median(variant.times[mode]) if variant.times[mode] else None
 
-    references = {v.model_name: v for v in variants if v.impl == 'reference'}
+    references = {v.model_name: v for v in variants if v.impl == 'reference' and not v.compiled}
     rows = []
     for v in variants:
-        cells = [v.model_name, v.impl or '-', str(batch), dtype]
+        cells = [v.model_name, v.label, str(batch), dtype]
         for mode in args.modes:
             speed = throughput(v, mode)
             reference = references.get(v.model_name)
@@ -151,7 +170,8 @@ def main(argv=None) -> None:
     variants = build_variants(args, device)
     print(f'device: {describe_device(device)}; torch {torch.__version__}; image {args.img_size} px; '
           f'median of {args.repeats} x {args.iters} steps after {args.warmup} warm-up steps'
-          f'{"; channels_last" if args.channels_last else ""}\n')
+          f'{"; channels_last" if args.channels_last else ""}'
+          f'{f"; torch.compile ({args.compile_backend})" if args.compile else ""}\n')
     header = ['model', 'impl', 'batch', 'dtype']
     for mode in args.modes:
         header += [f'{mode} img/s', f'{mode} vs reference', f'{mode} peak mem']

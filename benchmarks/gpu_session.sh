@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README's Performance section, in one run (about 5 minutes on an
-# H100/H200): the CUDA equivalence tests of the fast paths, the model tables (channels-last, and the
-# default layout for comparison), where a training step's time goes (benchmarks/step_profile.py),
-# inference at other batch sizes, and the AMP loss curves of the reference and the fast paths.
+# H100/H200, plus the compilations of the torch.compile table): the CUDA equivalence tests of the
+# fast paths, the model tables (channels-last, and the default layout for comparison), where a
+# training step's time goes (benchmarks/step_profile.py), inference at other batch sizes, the
+# models under torch.compile, and the AMP loss curves of the reference and the fast paths.
 # Usage: OUT=results_dir bash benchmarks/gpu_session.sh   (writes its tables under $OUT)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -21,5 +22,8 @@ $B --models resnet50,kw_resnet50 --modes infer --batch-sizes 1,8,32,256 --dtypes
    --channels-last 2>&1 | tee "$OUT/infer_batches.md"
 $B --models mobilenetv2_100,kw_mobilenetv2_100,convnext_tiny,kw_convnext_tiny --batch-sizes 128 --dtypes bf16 \
    --impls reference,auto --channels-last 2>&1 | tee "$OUT/train_infer_b128_others.md"
+# compiled (inductor): to compare with the eager channels-last table above; compiling takes minutes
+$B --models resnet18,kw_resnet18,resnet50,kw_resnet50 --batch-sizes 128 --dtypes bf16 --impls auto --channels-last \
+   --compile 2>&1 | tee "$OUT/train_infer_b128_compiled.md"
 $PY benchmarks/loss_curve.py --device cuda --steps 300 --img-size 64 --batch-size 128 --dtype fp16 --channels-last \
    2>&1 | tee "$OUT/loss_curve_fp16.md"

@@ -162,6 +162,20 @@ def test_gemm_keeps_channels_last_and_matches_reference(case, dtype, device, mon
     _assert_same(result, _outputs_and_grads(net, x, 'reference'), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
+@pytest.mark.parametrize('case', ['conv2d_3x3_and_1x1', 'conv2d_groups', 'conv1d', 'conv3d'])
+@pytest.mark.parametrize('implementation', kwf.FAST_PATHS)
+def test_fast_path_output_has_the_input_layout(implementation, case, channels_last):
+    """Contiguous for a channels-first input, channels-last for a channels-last one: never a third
+    layout (``input_mix`` had stored its output channel-major, then batch, then position)."""
+    net, x = _build(case)
+    x = _channels_last(x) if channels_last else x.contiguous()
+    with use_implementation(implementation):
+        outputs = net(x)
+    for out in outputs:
+        assert (out.movedim(1, -1) if channels_last else out).is_contiguous()
+
+
 def test_gemm_kw_linear_matches_reference():
     torch.manual_seed(0)
     net = KWNet([_spec(6, 5, 1, 'linear', bias=True)], cell_inplane_ratio=0.5).double()
@@ -282,13 +296,30 @@ def test_gemm_supports_first_order_gradients_only():
         grad.sum().backward()
 
 
+class _NormalisedKWNet(nn.Module):
+    """Every KW layer of a :class:`KWNet` followed by batch norm and ReLU, as in a ConvNet."""
+
+    def __init__(self, net: KWNet):
+        super().__init__()
+        self.net = net
+        self.norms = nn.ModuleList(nn.BatchNorm2d(layer.out_planes).double() for layer in net.kw_layers)
+
+    def forward(self, x):
+        return [torch.relu(norm(out)) for norm, out in zip(self.norms, self.net(x))]
+
+
 @pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
-def test_compiles_without_graph_breaks(channels_last):
-    net, x = _build('conv2d_output_and_input_blocks')
+@pytest.mark.parametrize('case', ['conv2d_3x3_and_1x1', 'conv2d_output_and_input_blocks'])
+@pytest.mark.parametrize('implementation', kwf.FAST_PATHS)
+def test_compiles_without_graph_breaks(implementation, case, channels_last):
+    """Compiled training (batch norm after the KW layers: traced and run strides must agree) gives
+    the eager outputs and gradients."""
+    net, x = _build(case)
+    net = _NormalisedKWNet(net).train()
     x = _channels_last(x) if channels_last else x
     compiled = torch.compile(net, backend='aot_eager', fullgraph=True)
-    with use_implementation('gemm'):
-        _assert_same(_outputs_and_grads(compiled, x, 'gemm'), _outputs_and_grads(net, x, 'gemm'),
+    with use_implementation(implementation):
+        _assert_same(_outputs_and_grads(compiled, x, implementation), _outputs_and_grads(net, x, implementation),
                      **TOLERANCES[torch.float64])
 
 
@@ -363,6 +394,18 @@ def test_benchmark_prints_table():
     for row in rows:
         assert float(row[4]) > 0 and float(row[7]) > 0  # train and infer img/s
     assert rows[1][5].strip() == rows[1][8].strip() == '1.00x'
+
+
+def test_benchmark_compiles_the_models():
+    result = _python('benchmarks/benchmark.py', '--device', 'cpu', '--models', 'kw_resnet18', '--batch-sizes', '2',
+                     '--img-size', '32', '--num-classes', '4', '--modes', 'infer', '--warmup', '1', '--iters', '1',
+                     '--repeats', '1', '--threads', '1', '--no-memory', '--compile', '--compile-backend', 'aot_eager')
+    assert result.returncode == 0, result.stderr
+    assert 'torch.compile (aot_eager)' in result.stdout
+    rows = [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| ')][1:]
+    assert [r[1].strip() for r in rows] == ['reference', 'reference compiled', 'auto', 'auto compiled']
+    assert all(float(r[4]) > 0 for r in rows)
+    assert rows[0][5].strip() == '1.00x' and rows[1][5].strip().endswith('x')  # compiled vs the eager reference
 
 
 def test_benchmark_rejects_unknown_model():

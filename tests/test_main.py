@@ -90,6 +90,24 @@ def test_channels_last_trains_like_the_default_layout(tmp_path):
         torch.testing.assert_close(weights_cl[key].contiguous(), value, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """--compile: the same losses and weights (the temperature changes every step, and at 32 px
+    layer 4 runs the input-mixing path), checkpoints without the compile wrapper's key prefix."""
+    runs = {}
+    for compile in ['false', 'true']:
+        out = tmp_path / compile
+        run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 4, '--opt', 'sgd', '--lr', 0.01,
+                 '--temp_epoch', 1, '--output_dir', out, '--compile', compile, '--compile_backend', 'aot_eager',
+                 *QUICK)
+        runs[compile] = read_log(out)[0], torch.load(out / 'checkpoint-0.pth', weights_only=False)['model']
+    (log, weights), (log_compiled, weights_compiled) = runs['false'], runs['true']
+    assert log_compiled['train_loss'] == pytest.approx(log['train_loss'], rel=1e-5)
+    assert log_compiled['test_loss'] == pytest.approx(log['test_loss'], rel=1e-4)
+    assert weights_compiled.keys() == weights.keys()
+    for key, value in weights.items():
+        torch.testing.assert_close(weights_compiled[key], value, rtol=1e-4, atol=1e-5)
+
+
 class _TinyKW(nn.Module):
     def __init__(self):
         super().__init__()
@@ -131,6 +149,10 @@ def test_temperature_per_iteration_follows_the_schedule():
     ({'model': 'kw_resnet18', 'lr': -0.1}, '--lr must be > 0, got -0.1'),
     ({'model': 'kw_resnet18', 'cell_num_ratio': 0}, '--cell_num_ratio must be > 0, got 0.0'),
     ({'model': 'kw_resnet18', 'data_set': 'MNIST'}, '"data_set" must be one of IMNET, image_folder, CIFAR'),
+    ({'model': 'kw_resnet18', 'compile': True, 'compile_backend': 'fast'},
+     "unknown --compile_backend 'fast'; choose from "),
+    ({'model': 'kw_resnet18', 'compile': True, 'cuda_graph': True},
+     '--compile true and --cuda_graph true are two ways to cut launch overhead and cannot be combined'),
 ])
 def test_config_errors_are_one_clear_sentence(config, message, tmp_path, capsys):
     path = tmp_path / 'config.json'
@@ -199,18 +221,44 @@ def test_demo_configs_parse():
         assert args.data_set == 'DIGITS' and args.model.endswith('resnet18')
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
-    """torchrun with gloo: trains, evaluates each validation image once, only rank 0 writes."""
-    out = tmp_path / 'out'
+def _torchrun(out, *options):
+    """main.py in two CPU processes (gloo), 13 validation images; SGD, which unlike Adam does not turn
+    rounding-level gradients into full-size steps."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
-               'main.py', '--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', '4', '--output_dir',
-               str(out), *QUICK, '--batch_size', '4', '--val_samples', '13']
+               'main.py', '--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', '4', '--opt', 'sgd',
+               '--lr', '0.01', '--output_dir', str(out), *QUICK, '--batch_size', '4', '--val_samples', '13', *options]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope='module')
+def torchrun_eager(tmp_path_factory):
+    out = tmp_path_factory.mktemp('torchrun') / 'out'
+    return out, _torchrun(out)
+
+
+def test_torchrun_two_cpu_processes(torchrun_eager):
+    """torchrun with gloo: trains, evaluates each validation image once, only rank 0 writes."""
+    out, result = torchrun_eager
     assert result.stdout.count('* Acc@1') == 1 and '(13 images' in result.stdout
     assert {p.name for p in out.iterdir()} == {'log.txt', 'checkpoint-0.pth', 'checkpoint-best.pth'}
     [record] = read_log(out)
     single = run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 4, '--eval', 'true',
                       '--resume', out / 'checkpoint-0.pth', *QUICK, '--val_samples', 13)
     assert single['acc1'] == pytest.approx(record['test_acc1']) and single['num_images'] == 13
+
+
+def test_torchrun_compiled_trains_like_eager(torchrun_eager, tmp_path):
+    """--compile under torchrun (the DDP model compiled): the losses and weights of the eager run."""
+    eager_out, _ = torchrun_eager
+    _torchrun(tmp_path / 'out', '--compile', 'true', '--compile_backend', 'aot_eager')
+    [record], [eager] = read_log(tmp_path / 'out'), read_log(eager_out)
+    assert record['train_loss'] == pytest.approx(eager['train_loss'], rel=1e-5)
+    assert record['test_loss'] == pytest.approx(eager['test_loss'], rel=1e-4)
+    weights = torch.load(tmp_path / 'out' / 'checkpoint-0.pth', weights_only=False)['model']
+    eager_weights = torch.load(eager_out / 'checkpoint-0.pth', weights_only=False)['model']
+    assert weights.keys() == eager_weights.keys()
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5)

@@ -183,8 +183,9 @@ def choose_implementation(geometry: KWConvGeometry, x: torch.Tensor) -> str:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a convolution of ``x`` in (``x.dtype`` outside autocast)."""
     device_type = x.device.type
-    if (x.dtype != torch.float64 and x.is_floating_point() and torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
+    # Dynamo (torch 2.11) cannot trace the availability check; compiled code runs on devices that have it.
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+    if x.dtype != torch.float64 and x.is_floating_point() and available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
@@ -210,7 +211,12 @@ def input_mix_conv(x: torch.Tensor, mixture_weights: torch.Tensor, cells: torch.
     a = a.reshape(batch, g.groups_spatial, g.groups_out, g.groups_in, n)
     mixed = torch.einsum('bsoin,bosirl->bonrl', a, cols)  # [B, blocks_out, n, cell_in * ck, L]
     out = torch.einsum('ncr,bonrl->bocl', cells.reshape(n, cell_out, -1), mixed)
-    return out.reshape(batch, g.out_planes, *output_size)
+    # The product comes out stored (c, b, o, l), a layout neither channels-first nor channels-last
+    # (whose batch norm torch.compile traced with other strides than it ran): copied to the input's.
+    out = out.reshape(batch, g.out_planes, *output_size)
+    if stored_channels_last(x):
+        return out.movedim(1, -1).contiguous().movedim(-1, 1)
+    return out.contiguous()
 
 
 def supports_gemm(g: KWConvGeometry) -> bool:
@@ -261,9 +267,12 @@ def uses_channels_last(x: torch.Tensor, g: KWConvGeometry) -> bool:
     """Whether the GEMM path keeps ``x``'s channels-last layout: ``x`` is stored channels-last (e.g.
     ``torch.channels_last``, or a KW linear layer's tokens) and every cell covers one kernel tap or
     the whole kernel (true for all released models)."""
-    cell_kernel = g.cell_shape[3:]
-    return (x.dim() > 2 and x.movedim(1, -1).is_contiguous()
-            and (g.groups_spatial == 1 or math.prod(cell_kernel) == 1))
+    return stored_channels_last(x) and (g.groups_spatial == 1 or math.prod(g.cell_shape[3:]) == 1)
+
+
+def stored_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` ``[B, C, *S]`` is stored with its channels last, in any number of dimensions."""
+    return x.dim() > 2 and x.movedim(1, -1).is_contiguous()
 
 
 def unfold_channels_last(x: torch.Tensor, g: KWConvGeometry, output_size: Sequence[int]) -> torch.Tensor:
