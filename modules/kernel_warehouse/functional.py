@@ -20,6 +20,8 @@ warehouse cells ``E`` (``[n, cell_out, cell_in, *cell_kernel]``):
   is small next to its cells (late stages at low resolution, e.g. ResNet18's last stage at 32 px:
   1 output position, 9 taps per cell). Plain autograd; same cell condition as ``gemm``.
 
+Both fast paths return their output in the input's layout, channels-first or channels-last.
+
 ``auto`` (the default) picks one of them per layer and input shape (:func:`choose_implementation`);
 the environment variable ``KW_IMPL`` (``auto``, ``reference``, ``gemm`` or ``input_mix``) sets the choice for the
 process, and :func:`set_implementation` / :func:`use_implementation` change it from Python.
