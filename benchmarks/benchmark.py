@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='also time every row under torch.compile, next to the eager one (it compiles during '
                              'the warm-up steps: keep --warmup >= 1)')
     parser.add_argument('--compile-backend', default='inductor', help="torch.compile's backend")
+    parser.add_argument('--compile-mode', default=None, help="the inductor backend's mode, e.g. reduce-overhead")
     args = parser.parse_args(argv)
     args.models = name_list(args.models, timm.list_models(), 'model')
     args.batch_sizes = int_list(args.batch_sizes)
@@ -86,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SystemExit(f'error: batch sizes must be positive, got {args.batch_sizes}')
     if args.compile:
         name_list(args.compile_backend, torch.compiler.list_backends(exclude_tags=()), 'compile backend')
+    if args.compile_mode is not None:
+        if args.compile_backend != 'inductor':
+            raise SystemExit('error: --compile-mode is a mode of the inductor backend only')
+        from torch._inductor import list_mode_options
+        name_list(args.compile_mode, list_mode_options(), 'compile mode')
     return args
 
 
@@ -102,7 +108,7 @@ def build_variants(args, device: torch.device) -> List[Variant]:
         for impl in (args.impls if is_kw else [None]):
             variants.append(Variant(name, impl, model, optimizer))
             if args.compile:  # one graph per implementation, mode, dtype and batch size, all kept
-                compiled = torch.compile(model, backend=args.compile_backend)
+                compiled = torch.compile(model, backend=args.compile_backend, mode=args.compile_mode)
                 variants.append(Variant(name, impl, compiled, optimizer, compiled=True))
     if args.compile:  # room for every variant's graphs; past the limit, time nothing rather than eager code
         torch._dynamo.config.recompile_limit = 2 * len(variants) * len(args.dtypes) * len(args.batch_sizes)
@@ -168,10 +174,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
     variants = build_variants(args, device)
+    compile_mode = args.compile_mode or 'default'
+    compile_note = f'; torch.compile ({args.compile_backend}, mode {compile_mode})' if args.compile else ''
     print(f'device: {describe_device(device)}; torch {torch.__version__}; image {args.img_size} px; '
           f'median of {args.repeats} x {args.iters} steps after {args.warmup} warm-up steps'
           f'{"; channels_last" if args.channels_last else ""}'
-          f'{f"; torch.compile ({args.compile_backend})" if args.compile else ""}\n')
+          f'{compile_note}\n')
     header = ['model', 'impl', 'batch', 'dtype']
     for mode in args.modes:
         header += [f'{mode} img/s', f'{mode} vs reference', f'{mode} peak mem']

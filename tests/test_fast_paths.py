@@ -401,7 +401,7 @@ def test_benchmark_compiles_the_models():
                      '--img-size', '32', '--num-classes', '4', '--modes', 'infer', '--warmup', '1', '--iters', '1',
                      '--repeats', '1', '--threads', '1', '--no-memory', '--compile', '--compile-backend', 'aot_eager')
     assert result.returncode == 0, result.stderr
-    assert 'torch.compile (aot_eager)' in result.stdout
+    assert 'torch.compile (aot_eager, mode default)' in result.stdout
     rows = [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| ')][1:]
     assert [r[1].strip() for r in rows] == ['reference', 'reference compiled', 'auto', 'auto compiled']
     assert all(float(r[4]) > 0 for r in rows)

@@ -151,6 +151,10 @@ def test_temperature_per_iteration_follows_the_schedule():
     ({'model': 'kw_resnet18', 'data_set': 'MNIST'}, '"data_set" must be one of IMNET, image_folder, CIFAR'),
     ({'model': 'kw_resnet18', 'compile': True, 'compile_backend': 'fast'},
      "unknown --compile_backend 'fast'; choose from "),
+    ({'model': 'kw_resnet18', 'compile': True, 'compile_backend': 'aot_eager', 'compile_mode': 'max-autotune'},
+     "--compile_mode is a mode of the inductor backend, not of 'aot_eager'"),
+    ({'model': 'kw_resnet18', 'compile': True, 'compile_mode': 'fastest'},
+     "unknown --compile_mode 'fastest'; choose from default, "),
     ({'model': 'kw_resnet18', 'compile': True, 'cuda_graph': True},
      '--compile true and --cuda_graph true are two ways to cut launch overhead and cannot be combined'),
 ])
