@@ -296,6 +296,15 @@ def test_gemm_supports_first_order_gradients_only():
         grad.sum().backward()
 
 
+@pytest.fixture
+def fresh_compiler():
+    """Every compile test starts with dynamo's caches empty: they compile the same forward code in
+    many configurations, and torch 2.11 counts them against one recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 class _NormalisedKWNet(nn.Module):
     """Every KW layer of a :class:`KWNet` followed by batch norm and ReLU, as in a ConvNet."""
 
@@ -308,6 +317,7 @@ class _NormalisedKWNet(nn.Module):
         return [torch.relu(norm(out)) for norm, out in zip(self.norms, self.net(x))]
 
 
+@pytest.mark.usefixtures('fresh_compiler')
 @pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
 @pytest.mark.parametrize('case', ['conv2d_3x3_and_1x1', 'conv2d_output_and_input_blocks'])
 @pytest.mark.parametrize('implementation', kwf.FAST_PATHS)
@@ -321,6 +331,21 @@ def test_compiles_without_graph_breaks(implementation, case, channels_last):
     with use_implementation(implementation):
         _assert_same(_outputs_and_grads(compiled, x, implementation), _outputs_and_grads(net, x, implementation),
                      **TOLERANCES[torch.float64])
+
+
+@pytest.mark.usefixtures('fresh_compiler')
+@pytest.mark.parametrize('implementation', kwf.FAST_PATHS)
+def test_compiles_under_autocast(implementation):
+    """Under bfloat16 autocast the fast paths ask for the autocast dtype while being compiled
+    (``compute_dtype``): the compiled net computes in bfloat16 like the eager one."""
+    net, x = _build('conv2d_3x3_and_1x1', torch.float32)
+    net = _NormalisedKWNet(net).float().train()
+    compiled = torch.compile(net, backend='aot_eager', fullgraph=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        eager = _outputs_and_grads(net, x, implementation)
+        result = _outputs_and_grads(compiled, x, implementation)
+    assert all(out.dtype == torch.bfloat16 for out in result[0])
+    _assert_same(result, eager, rtol=2e-2, atol=2e-2)
 
 
 # 36 cells: a warehouse of realistic size (those of KW ResNet18 hold 27 to 56)
