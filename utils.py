@@ -233,6 +233,27 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
+# Compilation
+# ----------------------------------------------------------------------------------------------
+
+def check_compile_options(backend: str, mode: Optional[str] = None, backend_option: str = '--compile_backend',
+                          mode_option: str = '--compile_mode') -> None:
+    """Raise :class:`UserError` (naming the option and the choices) unless ``torch.compile`` takes
+    ``backend`` and, for the inductor backend only, ``mode`` (``None``: the backend's default)."""
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise UserError(f'unknown {backend_option} {backend!r}; choose from {", ".join(backends)}.')
+    if mode is None:
+        return
+    if backend != 'inductor':
+        raise UserError(f'{mode_option} is a mode of the inductor backend, not of {backend!r}; '
+                        f'drop it or set {backend_option} inductor.')
+    from torch._inductor import list_mode_options  # imports the compiler: only when a mode is asked for
+    if mode not in list_mode_options():
+        raise UserError(f'unknown {mode_option} {mode!r}; choose from {", ".join(list_mode_options())}.')
+
+
+# ----------------------------------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------------------------------
 

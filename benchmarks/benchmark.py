@@ -27,6 +27,7 @@ from common import (DTYPES, describe_device, format_bytes, in_memory_format, int
                     name_list, peak_memory_function, setup_device, time_per_call, training_step)
 
 import models  # noqa: E402,F401  (registers the models with timm)
+from utils import UserError, check_compile_options  # noqa: E402
 from modules.kernel_warehouse import KWConvNd  # noqa: E402
 from modules.kernel_warehouse.functional import IMPLEMENTATIONS, use_implementation  # noqa: E402
 
@@ -86,12 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(b < 1 for b in args.batch_sizes):
         raise SystemExit(f'error: batch sizes must be positive, got {args.batch_sizes}')
     if args.compile:
-        name_list(args.compile_backend, torch.compiler.list_backends(exclude_tags=()), 'compile backend')
-    if args.compile_mode is not None:
-        if args.compile_backend != 'inductor':
-            raise SystemExit('error: --compile-mode is a mode of the inductor backend only')
-        from torch._inductor import list_mode_options
-        name_list(args.compile_mode, list_mode_options(), 'compile mode')
+        try:
+            check_compile_options(args.compile_backend, args.compile_mode, '--compile-backend', '--compile-mode')
+        except UserError as error:
+            raise SystemExit(f'error: {error}')
     return args
 
 
