@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modules.kernel_warehouse import set_temperature
@@ -133,6 +135,24 @@ def test_gemm_in_chunks_matches_reference(case, channels_last, monkeypatch):
                for layer in net.kw_layers)
     _assert_same(_outputs_and_grads(net, x, 'gemm'), _outputs_and_grads(net, x, 'reference'),
                  **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize('chunked', [False, True], ids=['whole_batch', 'one_sample_per_chunk'])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_gemm_grouped_products_match_reference(case, channels_last, chunked, monkeypatch):
+    """The GEMM path's products for torch.compile (one per convolution group, nothing written into
+    views), run eagerly: the reference's outputs and gradients, and the input's layout, in every case."""
+    monkeypatch.setattr(kwf, '_traced', lambda: True)
+    if chunked:
+        monkeypatch.setitem(kwf.TUNING, 'cpu', kwf.TUNING['cpu']._replace(kernel_chunk_elements=1))
+    net, x = _build(case)
+    x = _channels_last(x) if channels_last else x
+    result = _outputs_and_grads(net, x, 'gemm')
+    _assert_same(result, _outputs_and_grads(net, x, 'reference'), **TOLERANCES[torch.float64])
+    for layer, out in zip(net.kw_layers, result[0]):
+        if supports_gemm(layer.geometry):
+            assert kwf.stored_channels_last(out) == channels_last
 
 
 def test_gemm_with_input_that_needs_no_grad():
@@ -346,6 +366,35 @@ def test_compiles_under_autocast(implementation):
         result = _outputs_and_grads(compiled, x, implementation)
     assert all(out.dtype == torch.bfloat16 for out in result[0])
     _assert_same(result, eager, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.usefixtures('fresh_compiler')
+@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
+def test_compiled_gemm_writes_into_no_views(channels_last):
+    """Traced, the GEMM path writes nothing into views of a buffer: inductor lowers a chain of such
+    writes in time exponential in its length (README, Performance). A 1x1 layer of 8 output and 4 input
+    blocks: no scatter in the graphs, and the eager results."""
+    n, channels = 4, 16
+    g = KWConvGeometry(channels, channels, (1, 1), (1, 1), (0, 0), (1, 1), 1, (n, 2, 4, 1, 1), 8, 4, 1)
+    x = torch.randn(2, channels, 3, 3)
+    x = (_channels_last(x) if channels_last else x).requires_grad_()
+    a = torch.randn(2 * g.num_mixtures, n, requires_grad=True)
+    cells = torch.randn(n, 2, 4, 1, 1, requires_grad=True)
+    operators = Counter()
+
+    def record(graph_module, example_inputs):
+        operators.update(str(node.target) for node in graph_module.graph.nodes if node.op == 'call_function')
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    compiled = torch.compile(lambda *args: kwf.gemm_conv(*args, g), backend=backend, fullgraph=True)
+    result = compiled(x, a, cells)
+    gradients = torch.autograd.grad(result.square().sum(), (x, a, cells))
+    assert operators['aten.bmm.default'] + operators['aten.mm.default'] > 0
+    assert not [name for name in operators if 'scatter' in name]
+    eager = kwf.gemm_conv(x, a, cells, g)
+    _assert_same(([result], gradients), ([eager], torch.autograd.grad(eager.square().sum(), (x, a, cells))),
+                 rtol=1e-4, atol=1e-4)
 
 
 # 36 cells: a warehouse of realistic size (those of KW ResNet18 hold 27 to 56)

@@ -419,14 +419,11 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: b
     """``out[:] = a @ b`` (or ``+=`` with ``accumulate``), batched, written in place: the BLAS call
     takes ``out``'s strides as they are. A column-major ``out`` gets the transposed product in its
     transposed view: writing columns, the CPU's bfloat16 products had slowed KW ResNet50's training
-    to 0.1 img/s (4.6 writing rows). Dynamo cannot trace ``out=`` into a strided view, so compiled
-    code copies instead."""
+    to 0.1 img/s (4.6 writing rows). Eager code only (see :class:`_GemmConv`)."""
     if out.stride(-1) != 1:
         out, a, b = out.mT, b.mT, a.mT
     if accumulate:
         out.baddbmm_(a, b)
-    elif torch.compiler.is_compiling():
-        out.copy_(torch.bmm(a, b))
     else:
         torch.bmm(a, b, out=out)
 
@@ -456,6 +453,10 @@ class _GemmConv(torch.autograd.Function):
     input's gradient are channels-last, and every product reads and writes rows of contiguous
     channels. The products are written the same way for both layouts, on ``[B, K, L]`` and
     ``[B, C_out, L]`` views; the BLAS call takes the transposed views as they are.
+
+    Under ``torch.compile`` the products are grouped instead (see ``_grouped_forward``): one per
+    chunk and convolution group, on kernels copied to ``[B, groups, C_out / groups, K]``, and nothing
+    is written into views.
     """
 
     @staticmethod
@@ -495,20 +496,85 @@ class _GemmConv(torch.autograd.Function):
         return [(o, o + step, o // per_group) for o in range(0, g.groups_out, step)]
 
     @staticmethod
+    def _grouped(matrix: torch.Tensor, g: KWConvGeometry, sample_major: bool) -> torch.Tensor:
+        """Assembled kernels ``[rows, cell size]`` as ``[B, groups, C_out / groups, K]`` (a copy if block-major)."""
+        kernels = _GemmConv._kernels(matrix, g, sample_major)
+        return kernels.reshape(kernels.shape[0], g.groups, -1, kernels.shape[-1])
+
+    # Two ways to run the products of a chunk of samples. Eager code writes each span of output blocks in
+    # place, into strided views of one buffer, by one batched product (no kernel is reordered). Under
+    # torch.compile every gradient is one product over all groups and nothing is written into views:
+    # inductor lowers a chain of in-place writes into views of one buffer in time exponential in its
+    # length (compiling KW ResNet50, whose 1x1 layers have up to 8 output blocks, took twice as long).
+
+    @staticmethod
+    def _blockwise_forward(kernel_matrix, cols, out, g, sample_major) -> None:
+        kernels, cell_out = _GemmConv._kernels(kernel_matrix, g, sample_major), g.cell_shape[1]
+        for first, end, group in _GemmConv._spans(g, sample_major):
+            _bmm_into(out[:, first * cell_out:end * cell_out], kernels[:, first:end].flatten(1, 2), cols[:, group])
+
+    @staticmethod
+    def _grouped_forward(kernel_matrix, cols, g, sample_major, channels_last) -> torch.Tensor:
+        """The chunk's output in its storage order: ``[b, L, C_out]`` if ``channels_last``, else ``[b, C_out, L]``."""
+        kernels = _GemmConv._grouped(kernel_matrix, g, sample_major)  # [b, groups, C_out / groups, K]
+        if channels_last:
+            return torch.matmul(cols.mT, kernels.mT).transpose(1, 2).flatten(2)
+        return torch.matmul(kernels, cols).flatten(1, 2)
+
+    @staticmethod
+    def _blockwise_backward(rows, grad_out, cols, grad_cols, cell_matrix, g, sample_major, need_kernels):
+        """Writes the chunk's ``grad_cols`` (unless ``None``) and returns its kernel gradient."""
+        kernels = _GemmConv._kernels(torch.mm(rows, cell_matrix), g, sample_major) if grad_cols is not None else None
+        grad_kernels = rows.new_empty(rows.shape[0], cell_matrix.shape[1]) if need_kernels else None
+        grad_kernel_view = _GemmConv._kernels(grad_kernels, g, sample_major) if need_kernels else None
+        cell_out, per_group = g.cell_shape[1], g.groups_out // g.groups
+        for first, end, group in _GemmConv._spans(g, sample_major):
+            grad_block = grad_out[:, first * cell_out:end * cell_out]
+            if grad_cols is not None:
+                _bmm_into(grad_cols[:, group], kernels[:, first:end].flatten(1, 2).mT, grad_block,
+                          accumulate=first != group * per_group)  # after the group's first contribution
+            if need_kernels:
+                _bmm_into(grad_kernel_view[:, first:end].flatten(1, 2), grad_block, cols[:, group].mT)
+        return grad_kernels
+
+    @staticmethod
+    def _grouped_backward(rows, grad_out, cols, cell_matrix, g, sample_major, channels_last, need_x, need_kernels):
+        """The chunk's ``grad_cols`` and kernel gradient (``None`` where not needed), each product written
+        in the layout its consumer reads, as in eager code."""
+        grad_out = grad_out.unflatten(1, (g.groups, -1))  # [b, groups, C_out / groups, L]
+        grad_cols = grad_kernels = None
+        if need_x:
+            kernels = _GemmConv._grouped(torch.mm(rows, cell_matrix), g, sample_major)
+            if channels_last:  # stored [b, groups, L, K], as the unfolded input
+                grad_cols = torch.matmul(grad_out.mT, kernels).mT
+            else:
+                grad_cols = torch.matmul(kernels.mT, grad_out)
+        if need_kernels:
+            if sample_major:  # [b, groups, C_out / groups, K]: rows (b, o)
+                grad_kernels = torch.matmul(grad_out, cols.mT)
+            else:  # [b, groups, K, C_out / groups] to rows (o, b, s, i) of [K, cell_out] blocks
+                grad_kernels = torch.matmul(cols, grad_out.mT).unflatten(-1, (-1, g.cell_shape[1]))
+                grad_kernels = grad_kernels.permute(1, 3, 0, 2, 4)
+            grad_kernels = grad_kernels.reshape(-1, cell_matrix.shape[1])
+        return grad_cols, grad_kernels
+
+    @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry) -> torch.Tensor:
         channels_last = uses_channels_last(x, g)
         output_size, cols, cell_matrix, sample_major = _GemmConv._setup(x, cells, g, channels_last)
-        batch, positions, cell_out = x.shape[0], cols.shape[-1], g.cell_shape[1]
-        if channels_last:  # [B, C_out, L] views
-            out = x.new_empty(batch, positions, g.out_planes).transpose(1, 2)
+        batch, positions = x.shape[0], cols.shape[-1]
+        chunks = _GemmConv._chunks(a, g, batch, x.device.type, sample_major)
+        if _traced():
+            out = _concatenated([_GemmConv._grouped_forward(torch.mm(rows, cell_matrix), cols[samples], g,
+                                                            sample_major, channels_last) for samples, rows in chunks])
+            out = out.mT if channels_last else out  # [B, C_out, L]
         else:
-            out = x.new_empty(batch, g.out_planes, positions)
-        spans = _GemmConv._spans(g, sample_major)
-        for samples, rows in _GemmConv._chunks(a, g, batch, x.device.type, sample_major):
-            kernels = _GemmConv._kernels(torch.mm(rows, cell_matrix), g, sample_major)
-            for first, end, group in spans:
-                _bmm_into(out[samples, first * cell_out:end * cell_out], kernels[:, first:end].flatten(1, 2),
-                          cols[samples, group])
+            if channels_last:  # [B, C_out, L] views
+                out = x.new_empty(batch, positions, g.out_planes).transpose(1, 2)
+            else:
+                out = x.new_empty(batch, g.out_planes, positions)
+            for samples, rows in chunks:
+                _GemmConv._blockwise_forward(torch.mm(rows, cell_matrix), cols[samples], out[samples], g, sample_major)
         ctx.save_for_backward(x, a, cells)
         ctx.geometry, ctx.channels_last = g, channels_last
         return out.view(batch, g.out_planes, *output_size)
@@ -520,30 +586,28 @@ class _GemmConv(torch.autograd.Function):
         g, channels_last = ctx.geometry, ctx.channels_last
         need_x, need_a, need_cells = ctx.needs_input_grad[:3]
         output_size, cols, cell_matrix, sample_major = _GemmConv._setup(x, cells, g, channels_last)
-        batch, positions, cell_out = x.shape[0], cols.shape[-1], g.cell_shape[1]
+        batch, positions, compiling = x.shape[0], cols.shape[-1], _traced()
         if channels_last:  # [B, C_out, L] views
             grad_out = grad_out.movedim(1, -1).reshape(batch, positions, g.out_planes).transpose(1, 2)
         else:
             grad_out = grad_out.reshape(batch, g.out_planes, positions)
-        grad_cols = None
-        if need_x:  # [B, groups, K, L]
+        grad_cols = None  # [B, groups, K, L]
+        if need_x and not compiling:
             if channels_last:
                 grad_cols = cols.new_empty(batch, positions, g.groups, cols.shape[2]).permute(0, 2, 3, 1)
             else:
                 grad_cols = torch.empty_like(cols, memory_format=torch.contiguous_format)
-        spans, per_group = _GemmConv._spans(g, sample_major), g.groups_out // g.groups
-        grad_row_chunks, grad_cell_matrix = [], None
+        grad_col_chunks, grad_row_chunks, grad_cell_matrix = [], [], None
         for samples, rows in _GemmConv._chunks(a, g, batch, x.device.type, sample_major):
-            kernels = _GemmConv._kernels(torch.mm(rows, cell_matrix), g, sample_major) if need_x else None
-            grad_kernels = rows.new_empty(rows.shape[0], cell_matrix.shape[1]) if need_a or need_cells else None
-            grad_kernel_view = _GemmConv._kernels(grad_kernels, g, sample_major) if grad_kernels is not None else None
-            for first, end, group in spans:
-                grad_block = grad_out[samples, first * cell_out:end * cell_out]
-                if need_x:
-                    _bmm_into(grad_cols[samples, group], kernels[:, first:end].flatten(1, 2).mT, grad_block,
-                              accumulate=first != group * per_group)  # after the group's first contribution
-                if grad_kernels is not None:
-                    _bmm_into(grad_kernel_view[:, first:end].flatten(1, 2), grad_block, cols[samples, group].mT)
+            if compiling:
+                grad_col_chunk, grad_kernels = _GemmConv._grouped_backward(
+                    rows, grad_out[samples], cols[samples], cell_matrix, g, sample_major, channels_last, need_x,
+                    need_a or need_cells)
+                grad_col_chunks.append(grad_col_chunk)
+            else:
+                grad_kernels = _GemmConv._blockwise_backward(
+                    rows, grad_out[samples], cols[samples], None if grad_cols is None else grad_cols[samples],
+                    cell_matrix, g, sample_major, need_a or need_cells)
             if need_a:
                 grad_rows = torch.mm(grad_kernels, cell_matrix.t())
                 grad_row_chunks.append(grad_rows if sample_major else
@@ -553,17 +617,27 @@ class _GemmConv(torch.autograd.Function):
                                     else grad_cell_matrix.addmm_(rows.t(), grad_kernels))
         grad_x = None
         if need_x:
+            grad_cols = _concatenated(grad_col_chunks) if compiling else grad_cols
             if channels_last:  # [B, *O, groups, s, i, ck, cell_in]
                 grad_cols = grad_cols.permute(0, 3, 1, 2).reshape(
                     batch, *output_size, g.groups, g.groups_spatial, g.groups_in, -1, g.cell_shape[2])
             else:  # [B, groups, s, i, cell_in, ck, *O]
-                grad_cols = grad_cols.view(batch, g.groups, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
-                                           *output_size)
+                grad_cols = grad_cols.reshape(batch, g.groups, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
+                                              *output_size)
             grad_x = _fold(grad_cols, g, x.shape[2:], output_size, channels_last)
-        grad_a = None
-        if need_a:
-            grad_a = grad_row_chunks[0] if len(grad_row_chunks) == 1 else torch.cat(grad_row_chunks)
+        grad_a = _concatenated(grad_row_chunks) if need_a else None
         grad_cells = None
         if need_cells:  # back to [n, cell_out, cell_in, *ck] in the cells' dtype
             grad_cells = _cells_from_matrix(grad_cell_matrix, cells.shape, cells.dtype, sample_major, channels_last)
         return grad_x, grad_a, grad_cells, None
+
+
+def _traced() -> bool:
+    """Whether torch.compile is tracing the call, so that :class:`_GemmConv` runs its grouped products (a
+    function of its own, for the tests to run those eagerly)."""
+    return torch.compiler.is_compiling()
+
+
+def _concatenated(chunks: List[torch.Tensor]) -> torch.Tensor:
+    """The chunks concatenated along dimension 0 (the one itself, uncopied)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
