@@ -37,7 +37,7 @@ compiled() {
      --batch_size 128 --epochs 2 --warmup_epochs 0 --opt sgd --lr 0.01 --use_amp true --amp_dtype bfloat16 \
      --channels_last true --num_workers 4 --aa none --reprob 0 --mixup 0 --cutmix 0 --smoothing 0 \
      --color_jitter 0 --print_freq 10 --save_ckpt false --auto_resume false --output_dir "$(mktemp -d)" \
-     --compile true --compile_mode reduce-overhead 2>&1 | grep -E "Epoch: \[1\]|Acc@1|Error|error" \
+     --compile true --compile_mode reduce-overhead 2>&1 | grep -E "Epoch: \[1\]|Total time|Acc@1|Error|error" \
      | tee -a "$OUT/train_b128_compiled.md"
 }
 

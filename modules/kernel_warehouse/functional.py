@@ -497,15 +497,16 @@ class _GemmConv(torch.autograd.Function):
 
     @staticmethod
     def _grouped(matrix: torch.Tensor, g: KWConvGeometry, sample_major: bool) -> torch.Tensor:
-        """Assembled kernels ``[rows, cell size]`` as ``[B, groups, C_out / groups, K]`` (a copy if block-major)."""
+        """Assembled kernels ``[rows, cell size]`` as ``[B, groups, C_out / groups, K]``: a copy where a group
+        holds several output blocks of a block-major layer, else a view."""
         kernels = _GemmConv._kernels(matrix, g, sample_major)
         return kernels.reshape(kernels.shape[0], g.groups, -1, kernels.shape[-1])
 
     # Two ways to run the products of a chunk of samples. Eager code writes each span of output blocks in
     # place, into strided views of one buffer, by one batched product (no kernel is reordered). Under
-    # torch.compile every gradient is one product over all groups and nothing is written into views:
-    # inductor lowers a chain of in-place writes into views of one buffer in time exponential in its
-    # length (compiling KW ResNet50, whose 1x1 layers have up to 8 output blocks, took twice as long).
+    # torch.compile the output and each gradient are one product over all groups, and nothing is written
+    # into views: inductor lowers a chain of in-place writes into views of one buffer in time exponential
+    # in its length (compiling KW ResNet50, whose 1x1 layers have up to 8 output blocks, took twice as long).
 
     @staticmethod
     def _blockwise_forward(kernel_matrix, cols, out, g, sample_major) -> None:
