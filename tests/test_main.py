@@ -74,38 +74,37 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-3, atol=1e-5)
 
 
+def _assert_trained_alike(out, expected_out):
+    """The run in ``out`` logged the losses of the one in ``expected_out`` and saved the same weights under
+    the same keys; returns its weights."""
+    record, expected = read_log(out)[0], read_log(expected_out)[0]
+    assert record['train_loss'] == pytest.approx(expected['train_loss'], rel=1e-5)
+    assert record['test_loss'] == pytest.approx(expected['test_loss'], rel=1e-4)
+    weights, expected_weights = (torch.load(d / 'checkpoint-0.pth', weights_only=False)['model']
+                                 for d in (out, expected_out))
+    assert weights.keys() == expected_weights.keys()
+    for key, value in expected_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5)
+    return weights
+
+
 def test_channels_last_trains_like_the_default_layout(tmp_path):
-    runs = {}
     for channels_last in ['false', 'true']:
-        out = tmp_path / channels_last
         run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 4, '--opt', 'sgd', '--lr', 0.01,
-                 '--output_dir', out, '--channels_last', channels_last, *QUICK)
-        runs[channels_last] = read_log(out)[0], torch.load(out / 'checkpoint-0.pth', weights_only=False)['model']
-    (log, weights), (log_cl, weights_cl) = runs['false'], runs['true']
-    assert log_cl['train_loss'] == pytest.approx(log['train_loss'], rel=1e-5)
-    assert log_cl['test_loss'] == pytest.approx(log['test_loss'], rel=1e-4)
+                 '--output_dir', tmp_path / channels_last, '--channels_last', channels_last, *QUICK)
+    weights_cl = _assert_trained_alike(tmp_path / 'true', tmp_path / 'false')
     assert any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
                for w in weights_cl.values())  # the run did store its convolutions channels-last
-    for key, value in weights.items():
-        torch.testing.assert_close(weights_cl[key].contiguous(), value, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_model_trains_like_the_eager_one(tmp_path):
     """--compile: the same losses and weights (the temperature changes every step, and at 32 px
     layer 4 runs the input-mixing path), checkpoints without the compile wrapper's key prefix."""
-    runs = {}
     for compile in ['false', 'true']:
-        out = tmp_path / compile
         run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 4, '--opt', 'sgd', '--lr', 0.01,
-                 '--temp_epoch', 1, '--output_dir', out, '--compile', compile, '--compile_backend', 'aot_eager',
-                 *QUICK)
-        runs[compile] = read_log(out)[0], torch.load(out / 'checkpoint-0.pth', weights_only=False)['model']
-    (log, weights), (log_compiled, weights_compiled) = runs['false'], runs['true']
-    assert log_compiled['train_loss'] == pytest.approx(log['train_loss'], rel=1e-5)
-    assert log_compiled['test_loss'] == pytest.approx(log['test_loss'], rel=1e-4)
-    assert weights_compiled.keys() == weights.keys()
-    for key, value in weights.items():
-        torch.testing.assert_close(weights_compiled[key], value, rtol=1e-4, atol=1e-5)
+                 '--temp_epoch', 1, '--output_dir', tmp_path / compile, '--compile', compile,
+                 '--compile_backend', 'aot_eager', *QUICK)
+    _assert_trained_alike(tmp_path / 'true', tmp_path / 'false')
 
 
 class _TinyKW(nn.Module):
@@ -258,11 +257,4 @@ def test_torchrun_compiled_trains_like_eager(torchrun_eager, tmp_path):
     """--compile under torchrun (the DDP model compiled): the losses and weights of the eager run."""
     eager_out, _ = torchrun_eager
     _torchrun(tmp_path / 'out', '--compile', 'true', '--compile_backend', 'aot_eager')
-    [record], [eager] = read_log(tmp_path / 'out'), read_log(eager_out)
-    assert record['train_loss'] == pytest.approx(eager['train_loss'], rel=1e-5)
-    assert record['test_loss'] == pytest.approx(eager['test_loss'], rel=1e-4)
-    weights = torch.load(tmp_path / 'out' / 'checkpoint-0.pth', weights_only=False)['model']
-    eager_weights = torch.load(eager_out / 'checkpoint-0.pth', weights_only=False)['model']
-    assert weights.keys() == eager_weights.keys()
-    for key, value in eager_weights.items():
-        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5)
+    _assert_trained_alike(tmp_path / 'out', eager_out)

@@ -623,8 +623,8 @@ class _GemmConv(torch.autograd.Function):
                 grad_cols = grad_cols.permute(0, 3, 1, 2).reshape(
                     batch, *output_size, g.groups, g.groups_spatial, g.groups_in, -1, g.cell_shape[2])
             else:  # [B, groups, s, i, cell_in, ck, *O]
-                grad_cols = grad_cols.reshape(batch, g.groups, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
-                                              *output_size)
+                grad_cols = grad_cols.view(batch, g.groups, g.groups_spatial, g.groups_in, g.cell_shape[2], -1,
+                                           *output_size)
             grad_x = _fold(grad_cols, g, x.shape[2:], output_size, channels_last)
         grad_a = _concatenated(grad_row_chunks) if need_a else None
         grad_cells = None
