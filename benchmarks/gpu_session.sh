@@ -6,7 +6,7 @@
 #   compiled  ResNet50 and KW ResNet50 training, eager and compiled (inductor), then KW ResNet50 in
 #             mode reduce-overhead, then main.py compiled under torchrun (DDP)             (minutes: compiling)
 #   curve     the AMP (fp16) loss curves of the reference and the fast paths               (under a minute)
-#   profile   where a training step's time goes, and the step with CUDA graphs             (about a minute)
+#   profile   where a training step's time goes (bf16; fp16 too), and with CUDA graphs    (about 2 minutes)
 #   more      the default layout, fp32, inference at other batch sizes, other models       (about 3 minutes)
 # Usage: OUT=results_dir bash benchmarks/gpu_session.sh [STAGE ...]   (default: every stage, in this order)
 # Each stage writes one file under $OUT as it goes (8 files in all).
@@ -49,6 +49,9 @@ curve() {
 profile() {
   $PY benchmarks/step_profile.py --models resnet18,kw_resnet18,resnet50,kw_resnet50 --dtype bf16 \
      --batch-size 128 --top 8 --channels-last 2>&1 | tee "$OUT/step_profile.md"
+  # why eager fp16 ran slower than bf16 for the KW models only: host time, or the GPU's kernels?
+  $PY benchmarks/step_profile.py --models resnet50,kw_resnet50 --dtype fp16 \
+     --batch-size 128 --top 8 --channels-last 2>&1 | tee -a "$OUT/step_profile.md"
 }
 
 more() {

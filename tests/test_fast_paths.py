@@ -1,5 +1,6 @@
 """The GEMM path of the KW convolution against the reference algorithm, the implementation switch,
 and the benchmark scripts (see ``modules/kernel_warehouse/functional.py``)."""
+import copy
 import os
 import re
 import subprocess
@@ -239,17 +240,98 @@ def test_gemm_keeps_no_per_sample_kernels():
     assert max(_saved_numels(net, x, 'gemm')) < kernels  # ... the GEMM path reassembles them
 
 
-def test_gemm_keeps_no_16bit_copy_of_the_cells():
-    """Under autocast the GEMM path casts the cells itself (with their transposition), so what it
-    keeps for backward is the float32 warehouse, not a bfloat16 copy of it."""
-    net, x = _build('conv2d_3x3_and_1x1', torch.float32)
-    warehouses = list(net.warehouse_manager.weights)
-    saved = []
-    with use_implementation('gemm'), torch.autocast('cpu', dtype=torch.bfloat16), \
+def _without_sharing(monkeypatch):
+    """Make the layers call the GEMM path without ``share``: each makes its own copy of the cells."""
+    gemm_conv = kwf.gemm_conv
+    monkeypatch.setattr(kwf, 'gemm_conv', lambda *args, share=None: gemm_conv(*args))
+
+
+class _CountCopies(TorchDispatchMode):
+    """Counts the operators that write a new tensor of ``numel`` elements (copies and casts)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.copies = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.clone, torch.ops.aten.copy_) \
+                and out.numel() == self.numel:
+            self.copies += 1
+        return out
+
+
+@pytest.mark.parametrize('shared', [True, False], ids=['shared', 'unshared'])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
+def test_gemm_layers_of_a_pass_share_one_copy_of_their_warehouse(shared, channels_last, monkeypatch):
+    """Three layers on one warehouse, under bfloat16 autocast: in a forward pass they share one cast and
+    reordered copy of it, kept for backward. Without sharing each layer makes its own and keeps none
+    (only the float32 warehouse), as under torch.compile."""
+    if not shared:
+        _without_sharing(monkeypatch)
+    torch.manual_seed(0)
+    net = KWNet([_spec(8, 8, 3, padding=1, name=f's_layer{i}_conv0') for i in range(3)], sharing_range='layer')
+    warehouse = net.warehouse_manager.weights[0]
+    x = torch.randn(4, 8, 5, 5)
+    x = _channels_last(x) if channels_last else x
+    saved, counter = [], _CountCopies(warehouse.numel())
+    with use_implementation('gemm'), torch.autocast('cpu', dtype=torch.bfloat16), counter, \
             torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        net(x.requires_grad_())
-    assert any(t.data_ptr() == w.data_ptr() and t.dtype == torch.float32 for t in saved for w in warehouses)
-    assert not any(t.shape == w.shape and t.dtype == torch.bfloat16 for t in saved for w in warehouses)
+        outputs = net(x.requires_grad_())
+    copies = {t.data_ptr() for t in saved if t.numel() == warehouse.numel() and t.dtype == torch.bfloat16}
+    assert len(copies) == (1 if shared else 0)
+    assert counter.copies == (1 if shared else 3)
+    if not shared:
+        assert sum(t.data_ptr() == warehouse.data_ptr() and t.dtype == torch.float32 for t in saved) == 3
+    # the cells' gradient: the same either way (it meets in the copy's layout when shared)
+    grad = torch.autograd.grad(sum(o.float().square().sum() for o in outputs), warehouse)[0]
+    with use_implementation('reference'), torch.autocast('cpu', dtype=torch.bfloat16):
+        expected = torch.autograd.grad(sum(o.float().square().sum() for o in net(x)), warehouse)[0]
+    torch.testing.assert_close(grad, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_gemm_without_sharing_matches_reference(case, channels_last, monkeypatch):
+    """Each layer copying the cells itself, in forward and again in backward (as under torch.compile, or
+    ``functional.gemm_conv`` called on its own)."""
+    _without_sharing(monkeypatch)
+    net, x = _build(case)
+    x = _channels_last(x) if channels_last else x
+    _assert_same(_outputs_and_grads(net, x, 'gemm'), _outputs_and_grads(net, x, 'reference'),
+                 **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize('change', ['in_place', 'through_data'])
+def test_gemm_reads_cells_changed_between_passes(change):
+    """A pass after the cells changed in place (an optimizer step; or through ``.data``, which the
+    version counter does not see) builds its copy anew."""
+    net, x = _build('conv2d_3x3_and_1x1')
+    with use_implementation('gemm'):
+        net(x)
+        for cells in net.warehouse_manager.weights:
+            if change == 'in_place':
+                with torch.no_grad():
+                    cells.mul_(1.5)
+            else:
+                cells.data.mul_(1.5)
+        outputs = net(x)
+    with use_implementation('reference'):
+        expected = net(x)
+    for out, ref in zip(outputs, expected):
+        torch.testing.assert_close(out, ref, **TOLERANCES[torch.float64])
+
+
+def test_model_with_shared_copies_deep_copies():
+    """A model copied after a forward pass (e.g. for EMA): the copy gets none of the pass's values
+    (tensors inside an autograd graph cannot be deep-copied) and computes the same."""
+    net, x = _build('conv2d_3x3_and_1x1')
+    with use_implementation('gemm'):
+        outputs = net(x)
+        copied = copy.deepcopy(net)
+        assert not copied.warehouse_manager._pass_memo.values and net.warehouse_manager._pass_memo.values
+        for out, ref in zip(copied(x), outputs):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 class _CountProducts(TorchDispatchMode):

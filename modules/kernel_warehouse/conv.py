@@ -1,5 +1,6 @@
 """KW convolutions and the KW linear layer (KW-SPEC section 4)."""
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence, Tuple, Type, Union
 
 import torch
@@ -118,10 +119,13 @@ class KWConvNd(nn.Module):
         implementation = functional.choose_implementation(self.geometry, x)
         if implementation == 'reference':
             out = self.reference_conv(x, mixture_weights.to(x.dtype))
+        elif implementation == 'gemm':
+            manager = self.warehouse_manager
+            out = functional.gemm_conv(x, mixture_weights, manager.take_cell(self.warehouse_id), self.geometry,
+                                       share=partial(manager.per_pass, self))
         else:
             cells = self.warehouse_manager.take_cell(self.warehouse_id)
-            conv = functional.gemm_conv if implementation == 'gemm' else functional.input_mix_conv
-            out = conv(x, mixture_weights, cells, self.geometry)
+            out = functional.input_mix_conv(x, mixture_weights, cells, self.geometry)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).reshape(1, -1, *([1] * self.dimension))
         return out

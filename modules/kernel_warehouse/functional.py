@@ -8,7 +8,8 @@ warehouse cells ``E`` (``[n, cell_out, cell_in, *cell_kernel]``):
   with ``B * groups`` groups applies each sample's kernel. Autograd keeps the kernels for backward.
 * ``gemm``: the input is unfolded (im2col; a view for 1x1 convolutions) and multiplied with each
   sample's kernel by batched matrix products, inside an autograd function that keeps only the
-  input, ``a`` and ``E``. Kernels are assembled in chunks of samples, assembled again in
+  input, ``a`` and ``E`` (or the copy of ``E`` that the layers of a forward pass share, see
+  :func:`gemm_conv`). Kernels are assembled in chunks of samples, assembled again in
   backward, and the gradients of ``a`` and ``E`` come from the kernel gradient chunk by chunk, so
   no tensor of all per-sample kernels (``[B, C_out, C_in / g, *k]``) is kept or, for large ones,
   ever exists. It needs every cell inside one convolution group (:func:`supports_gemm`).
@@ -32,7 +33,7 @@ import itertools
 import math
 import os
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -192,11 +193,33 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# ``share(key, build)``: ``build()``, or what it returned for the same key earlier in the forward pass
+Share = Callable[[Hashable, Callable[[], Any]], Any]
+
+
 def gemm_conv(x: torch.Tensor, mixture_weights: torch.Tensor, cells: torch.Tensor,
-              geometry: KWConvGeometry) -> torch.Tensor:
-    """KW convolution without bias by the GEMM path; same result as the reference algorithm."""
-    dtype = compute_dtype(x)  # the cells are cast inside, fused with their transposition
-    return _GemmConv.apply(x.to(dtype), mixture_weights.to(dtype), cells, geometry)
+              geometry: KWConvGeometry, share: Optional[Share] = None) -> torch.Tensor:
+    """KW convolution without bias by the GEMM path; same result as the reference algorithm.
+
+    The products read the cells reordered (:func:`cell_layout`) and cast to the compute dtype, one
+    copy. With ``share`` (``WarehouseManager.per_pass``, from the layer) the layers of a forward
+    pass that draw on the same warehouse in the same layout share that copy, which is then kept for
+    backward, and their cells' gradients meet in the reordered layout, so that one copy per
+    warehouse turns them back. Without it (or under ``torch.compile``) each layer makes its own copy,
+    in forward and again in backward, and keeps none.
+    """
+    dtype = compute_dtype(x)
+    sample_major, channels_last = _is_sample_major(geometry), uses_channels_last(x, geometry)
+
+    def shared_copy():
+        layout = cell_layout(cells, sample_major, channels_last)
+        return layout, _contiguous(layout.detach(), dtype)
+
+    if share is None or _traced():
+        layout, copy = cell_layout(cells, sample_major, channels_last), None
+    else:
+        layout, copy = share(('gemm', dtype, sample_major, channels_last, torch.is_grad_enabled()), shared_copy)
+    return _GemmConv.apply(x.to(dtype), mixture_weights.to(dtype), layout, copy, geometry)
 
 
 def input_mix_conv(x: torch.Tensor, mixture_weights: torch.Tensor, cells: torch.Tensor,
@@ -380,39 +403,24 @@ def _rows_by_sample(rows: torch.Tensor, g: KWConvGeometry, batch: int) -> torch.
     return rows.permute(1, 2, 0, 3, 4).reshape(-1, rows.shape[-1])
 
 
-def _cell_matrix(cells: torch.Tensor, dtype: torch.dtype, sample_major: bool, taps_first: bool) -> torch.Tensor:
-    """Cells ``[n, cell_out, cell_in, *ck]`` as the right factor of the kernel assembly, in ``dtype``:
-    ``[n, cell_out * K]`` (sample-major) or ``[n, K * cell_out]`` (block-major), the cell's rows ``K``
-    ordered (cell_in, cell tap), or (cell tap, cell_in) with ``taps_first``. At most one copy."""
+def cell_layout(cells: torch.Tensor, sample_major: bool, taps_first: bool) -> torch.Tensor:
+    """A view of the cells ``[n, cell_out, cell_in, *ck]`` whose contiguous copy, ``[n, -1]``, is the
+    right factor of the kernel assembly: ``[n, cell_out, K]`` (sample-major) or ``[n, K, cell_out]``
+    (block-major), the cell's rows ``K`` ordered (cell_in, cell tap), or (cell tap, cell_in) with
+    ``taps_first``."""
     n, cell_out, cell_in = cells.shape[:3]
     cells = cells.reshape(n, cell_out, cell_in, -1)
     if taps_first:
         cells = cells.transpose(2, 3)
-    if not sample_major:
-        cells = cells.permute(0, 2, 3, 1)
-    return _contiguous(cells, dtype).view(n, -1)
-
-
-def _cells_from_matrix(matrix: torch.Tensor, cell_shape: Sequence[int], dtype: torch.dtype, sample_major: bool,
-                       taps_first: bool) -> torch.Tensor:
-    """The inverse of :func:`_cell_matrix` (for the cells' gradient), in ``dtype``."""
-    n, cell_out, cell_in = cell_shape[:3]
-    rows = (math.prod(cell_shape[3:]), cell_in) if taps_first else (cell_in, math.prod(cell_shape[3:]))
-    if sample_major:
-        cells = matrix.view(n, cell_out, *rows)
-    else:
-        cells = matrix.view(n, *rows, cell_out).permute(0, 3, 1, 2)
-    if taps_first:
-        cells = cells.transpose(2, 3)
-    return _contiguous(cells, dtype).view(cell_shape)
+    return cells if sample_major else cells.permute(0, 2, 3, 1)
 
 
 def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` as a contiguous tensor of ``dtype``: itself if it is one, else one copy (cast and layout
-    together)."""
-    if t.dtype == dtype and t.is_contiguous():
-        return t
-    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    """``t`` as a contiguous ``[t.shape[0], -1]`` matrix of ``dtype``: a view if ``t`` is one, else
+    one copy (cast and layout together)."""
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    return t.view(t.shape[0], -1)
 
 
 def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
@@ -431,7 +439,7 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: b
 class _GemmConv(torch.autograd.Function):
     """KW convolution by im2col and batched matrix products; keeps only ``x``, ``a`` and the cells.
 
-    One matrix product of mixture rows and cells (:func:`_cell_matrix`) assembles the kernels of a
+    One matrix product of mixture rows and cells (:func:`cell_layout`) assembles the kernels of a
     chunk of samples (:func:`_samples_per_chunk`), laid out so that each output block's kernels are a
     ``[B, cell_out, K]`` stack of matrices whose ``K`` columns run like the rows of the unfolded input
     (:func:`unfold`: spatial block, input block, cell rows). Nothing is reordered: an output block is
@@ -444,9 +452,11 @@ class _GemmConv(torch.autograd.Function):
       cells transposed, so that every block's kernels come out as one contiguous ``[B, K, cell_out]``
       stack; one product per output block.
 
-    The kernels are assembled again in backward instead of being kept. The cells come in their own
-    dtype (the warehouse's) and are cast to the input's with their transposition, so that no cast
-    copy is kept for backward and their gradient is returned in their dtype.
+    The kernels are assembled again in backward instead of being kept. The cells come as a view in
+    that layout and in their own dtype (the warehouse's), their gradient goes back the same way, and
+    the products read them copied contiguous in the input's dtype: a copy made here, in forward and
+    again in backward (none is kept), unless a shared one is given (see :func:`gemm_conv`), which is
+    kept for backward.
 
     A channels-last input (:func:`uses_channels_last`) stays channels-last: it is unfolded to
     ``[B, L, groups, K]`` (:func:`unfold_channels_last`, cell rows (ck, cell_in)), the output and the
@@ -460,14 +470,13 @@ class _GemmConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def _setup(x: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry, channels_last: bool):
+    def _setup(x: torch.Tensor, g: KWConvGeometry, channels_last: bool):
         output_size = g.output_size(x.shape[2:])
         if channels_last:
             cols = unfold_channels_last(x, g, output_size).permute(0, 2, 3, 1)  # [B, groups, K, L] view
         else:
             cols = unfold(x, g, output_size)  # [B, groups, K, L]
-        sample_major = _is_sample_major(g)
-        return output_size, cols, _cell_matrix(cells, x.dtype, sample_major, channels_last), sample_major
+        return output_size, cols, _is_sample_major(g)
 
     @staticmethod
     def _chunks(a: torch.Tensor, g: KWConvGeometry, batch: int, device_type: str, sample_major: bool):
@@ -560,9 +569,11 @@ class _GemmConv(torch.autograd.Function):
         return grad_cols, grad_kernels
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, cells: torch.Tensor, g: KWConvGeometry) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, layout: torch.Tensor, copy: Optional[torch.Tensor],
+                g: KWConvGeometry) -> torch.Tensor:
         channels_last = uses_channels_last(x, g)
-        output_size, cols, cell_matrix, sample_major = _GemmConv._setup(x, cells, g, channels_last)
+        output_size, cols, sample_major = _GemmConv._setup(x, g, channels_last)
+        cell_matrix = _contiguous(layout, x.dtype) if copy is None else copy
         batch, positions = x.shape[0], cols.shape[-1]
         chunks = _GemmConv._chunks(a, g, batch, x.device.type, sample_major)
         if _traced():
@@ -576,17 +587,18 @@ class _GemmConv(torch.autograd.Function):
                 out = x.new_empty(batch, g.out_planes, positions)
             for samples, rows in chunks:
                 _GemmConv._blockwise_forward(torch.mm(rows, cell_matrix), cols[samples], out[samples], g, sample_major)
-        ctx.save_for_backward(x, a, cells)
-        ctx.geometry, ctx.channels_last = g, channels_last
+        ctx.save_for_backward(x, a, layout if copy is None else copy)
+        ctx.geometry, ctx.channels_last, ctx.layout = g, channels_last, (layout.shape, layout.dtype, copy is None)
         return out.view(batch, g.out_planes, *output_size)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, a, cells = ctx.saved_tensors
-        g, channels_last = ctx.geometry, ctx.channels_last
+        x, a, saved_cells = ctx.saved_tensors  # the layout (a view of the cells) or the shared copy
+        g, channels_last, (layout_shape, layout_dtype, copied_here) = ctx.geometry, ctx.channels_last, ctx.layout
         need_x, need_a, need_cells = ctx.needs_input_grad[:3]
-        output_size, cols, cell_matrix, sample_major = _GemmConv._setup(x, cells, g, channels_last)
+        output_size, cols, sample_major = _GemmConv._setup(x, g, channels_last)
+        cell_matrix = _contiguous(saved_cells, x.dtype) if copied_here else saved_cells
         batch, positions, compiling = x.shape[0], cols.shape[-1], _traced()
         if channels_last:  # [B, C_out, L] views
             grad_out = grad_out.movedim(1, -1).reshape(batch, positions, g.out_planes).transpose(1, 2)
@@ -627,10 +639,8 @@ class _GemmConv(torch.autograd.Function):
                                            *output_size)
             grad_x = _fold(grad_cols, g, x.shape[2:], output_size, channels_last)
         grad_a = _concatenated(grad_row_chunks) if need_a else None
-        grad_cells = None
-        if need_cells:  # back to [n, cell_out, cell_in, *ck] in the cells' dtype
-            grad_cells = _cells_from_matrix(grad_cell_matrix, cells.shape, cells.dtype, sample_major, channels_last)
-        return grad_x, grad_a, grad_cells, None
+        grad_layout = grad_cell_matrix.to(layout_dtype).view(layout_shape) if need_cells else None
+        return grad_x, grad_a, grad_layout, None, None
 
 
 def _traced() -> bool:

@@ -1,7 +1,7 @@
 """The warehouse manager: reserve, store, allocate (KW-SPEC section 1)."""
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -73,6 +73,29 @@ def static_layer(in_planes: int, out_planes: int, kernel_size: IntOrTuple = 1, s
                                       dilation=dilation, groups=groups, bias=bias)
 
 
+class _PassMemo:
+    """What :meth:`WarehouseManager.per_pass` keeps of the current forward pass: values by key, and the
+    layers (by id) that asked. Never copied (``copy.deepcopy`` of a model, e.g. for EMA, or pickling):
+    a copy starts empty, as the values may be tensors inside an autograd graph."""
+
+    def __init__(self):
+        self.values: Dict[Hashable, Any] = {}
+        self.layers: Set[int] = set()
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.layers.clear()
+
+    def __deepcopy__(self, memo) -> '_PassMemo':
+        return _PassMemo()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
 class WarehouseManager(nn.Module):
     """Owns the warehouses of a KW model: ``reserve`` layers, ``store`` cells, ``allocate`` them.
 
@@ -119,6 +142,7 @@ class WarehouseManager(nn.Module):
         # fused warehouse name -> the optional names of its layers (for error messages only)
         self.layer_names: Dict[str, List[Optional[str]]] = {}
         self.weights = nn.ParameterList()
+        self._pass_memo = _PassMemo()  # see per_pass
 
     @property
     def warehouse_names(self) -> List[str]:
@@ -243,6 +267,25 @@ class WarehouseManager(nn.Module):
         for idx, end in enumerate(end_idxs):
             if end != self.weights[idx].shape[0]:
                 raise ValueError(self._cell_count_message(idx, str(end)))
+
+    def per_pass(self, layer: KWConvNd, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()`` for ``layer``'s warehouse, made once per forward pass and ``key``: the layers of
+        a pass that ask with the same key get the same value (e.g. the cells cast and reordered for the
+        GEMM path, see ``functional.gemm_conv``).
+
+        A layer that asks a second time starts the next pass, which builds anew. The values also
+        depend on the warehouse's version counter and storage, so that cells changed in place (an
+        optimizer step, ``load_state_dict``) are never read stale, even by a layer that skipped
+        the previous pass. The last pass's values are kept until the next pass begins.
+        """
+        memo, cells = self._pass_memo, self.weights[layer.warehouse_id]
+        if id(layer) in memo.layers:
+            memo.clear()
+        memo.layers.add(id(layer))
+        key = (layer.warehouse_id, key, cells._version, cells.data_ptr())
+        if key not in memo.values:
+            memo.values[key] = build()
+        return memo.values[key]
 
     def _cell_count_message(self, idx: int, claimed: str, where: str = '') -> str:
         return (f'warehouse {self.warehouse_names[idx]!r} has {self.weights[idx].shape[0]} cells but its layers '
