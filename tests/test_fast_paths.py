@@ -262,22 +262,24 @@ class _CountCopies(TorchDispatchMode):
 
 
 @pytest.mark.parametrize('shared', [True, False], ids=['shared', 'unshared'])
-@pytest.mark.parametrize('channels_last', [False, True], ids=['channels_first', 'channels_last'])
-def test_gemm_layers_of_a_pass_share_one_copy_of_their_warehouse(shared, channels_last, monkeypatch):
+@pytest.mark.parametrize('layouts', ['channels_first', 'channels_last', 'mixed'])
+def test_gemm_layers_of_a_pass_share_one_copy_of_their_warehouse(shared, layouts, monkeypatch):
     """Three layers on one warehouse, under bfloat16 autocast: in a forward pass they share one cast and
-    reordered copy of it, kept for backward. Without sharing each layer makes its own and keeps none
-    (only the float32 warehouse), as under torch.compile."""
+    reordered copy of it, kept for backward, whatever their inputs' layouts (1x1 cells read the same
+    either way). Without sharing each layer makes its own and keeps none (only the float32 warehouse),
+    as under torch.compile."""
     if not shared:
         _without_sharing(monkeypatch)
     torch.manual_seed(0)
     net = KWNet([_spec(8, 8, 3, padding=1, name=f's_layer{i}_conv0') for i in range(3)], sharing_range='layer')
     warehouse = net.warehouse_manager.weights[0]
-    x = torch.randn(4, 8, 5, 5)
-    x = _channels_last(x) if channels_last else x
+    x = torch.randn(4, 8, 5, 5).requires_grad_()
+    inputs = {'channels_first': [x] * 3, 'channels_last': [_channels_last(x)] * 3,
+              'mixed': [_channels_last(x), x, _channels_last(x)]}[layouts]
     saved, counter = [], _CountCopies(warehouse.numel())
     with use_implementation('gemm'), torch.autocast('cpu', dtype=torch.bfloat16), counter, \
             torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        outputs = net(x.requires_grad_())
+        outputs = [layer(layer_input) for layer, layer_input in zip(net.kw_layers, inputs)]
     copies = {t.data_ptr() for t in saved if t.numel() == warehouse.numel() and t.dtype == torch.bfloat16}
     assert len(copies) == (1 if shared else 0)
     assert counter.copies == (1 if shared else 3)
@@ -286,7 +288,7 @@ def test_gemm_layers_of_a_pass_share_one_copy_of_their_warehouse(shared, channel
     # the cells' gradient: the same either way (it meets in the copy's layout when shared)
     grad = torch.autograd.grad(sum(o.float().square().sum() for o in outputs), warehouse)[0]
     with use_implementation('reference'), torch.autocast('cpu', dtype=torch.bfloat16):
-        expected = torch.autograd.grad(sum(o.float().square().sum() for o in net(x)), warehouse)[0]
+        expected = torch.autograd.grad(sum(o.float().square().sum() for o in net(x.detach())), warehouse)[0]
     torch.testing.assert_close(grad, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 

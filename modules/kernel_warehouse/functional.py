@@ -208,17 +208,18 @@ def gemm_conv(x: torch.Tensor, mixture_weights: torch.Tensor, cells: torch.Tenso
     warehouse turns them back. Without it (or under ``torch.compile``) each layer makes its own copy,
     in forward and again in backward, and keeps none.
     """
-    dtype = compute_dtype(x)
-    sample_major, channels_last = _is_sample_major(geometry), uses_channels_last(x, geometry)
+    dtype, sample_major = compute_dtype(x), _is_sample_major(geometry)
+    # a channels-last input reads the cells' taps first; 1x1 cells are the same either way
+    taps_first = uses_channels_last(x, geometry) and math.prod(geometry.cell_shape[3:]) > 1
 
     def shared_copy():
-        layout = cell_layout(cells, sample_major, channels_last)
+        layout = cell_layout(cells, sample_major, taps_first)
         return layout, _contiguous(layout.detach(), dtype)
 
     if share is None or _traced():
-        layout, copy = cell_layout(cells, sample_major, channels_last), None
+        layout, copy = cell_layout(cells, sample_major, taps_first), None
     else:
-        layout, copy = share(('gemm', dtype, sample_major, channels_last, torch.is_grad_enabled()), shared_copy)
+        layout, copy = share(('gemm', dtype, sample_major, taps_first, torch.is_grad_enabled()), shared_copy)
     return _GemmConv.apply(x.to(dtype), mixture_weights.to(dtype), layout, copy, geometry)
 
 
