@@ -2,6 +2,7 @@
 and the benchmark scripts (see ``modules/kernel_warehouse/functional.py``)."""
 import copy
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -324,13 +325,14 @@ def test_gemm_reads_cells_changed_between_passes(change):
         torch.testing.assert_close(out, ref, **TOLERANCES[torch.float64])
 
 
-def test_model_with_shared_copies_deep_copies():
-    """A model copied after a forward pass (e.g. for EMA): the copy gets none of the pass's values
-    (tensors inside an autograd graph cannot be deep-copied) and computes the same."""
+@pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
+def test_model_with_shared_copies_copies(how):
+    """A model copied after a forward pass (e.g. for EMA, or pickled whole): the copy gets none of the
+    pass's values (tensors inside an autograd graph cannot be deep-copied) and computes the same."""
     net, x = _build('conv2d_3x3_and_1x1')
     with use_implementation('gemm'):
-        outputs = net(x)
-        copied = copy.deepcopy(net)
+        outputs = net(x.requires_grad_())
+        copied = copy.deepcopy(net) if how == 'deepcopy' else pickle.loads(pickle.dumps(net))
         assert not copied.warehouse_manager._pass_memo.values and net.warehouse_manager._pass_memo.values
         for out, ref in zip(copied(x), outputs):
             torch.testing.assert_close(out, ref, rtol=0, atol=0)

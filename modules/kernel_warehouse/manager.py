@@ -86,14 +86,8 @@ class _PassMemo:
         self.values.clear()
         self.layers.clear()
 
-    def __deepcopy__(self, memo) -> '_PassMemo':
-        return _PassMemo()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
+    def __reduce__(self):  # copies and pickles start empty
+        return _PassMemo, ()
 
 
 class WarehouseManager(nn.Module):
