@@ -10,12 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from functorch.compile import make_boxed_func
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import models  # noqa: F401  (registers the models with timm)
 from modules.kernel_warehouse import set_temperature
 from modules.kernel_warehouse import functional as kwf
 from modules.kernel_warehouse.functional import (KWConvGeometry, choose_implementation, supports_gemm,
@@ -323,6 +325,17 @@ def test_gemm_reads_cells_changed_between_passes(change):
         expected = net(x)
     for out, ref in zip(outputs, expected):
         torch.testing.assert_close(out, ref, **TOLERANCES[torch.float64])
+
+
+def test_sharing_registers_no_module_hooks():
+    """The layers share without hooks on the model: ``torch.cuda.make_graphed_callables`` (``main.py
+    --cuda_graph true``) refuses modules with hooks."""
+    model = timm.create_model('kw_resnet18', num_classes=10)
+    with use_implementation('gemm'):
+        model(torch.randn(2, 3, 32, 32))
+    assert model.warehouse_manager._pass_memo.values  # it did share
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in model.modules())
 
 
 @pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
