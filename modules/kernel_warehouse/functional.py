@@ -438,7 +438,8 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: b
 
 
 class _GemmConv(torch.autograd.Function):
-    """KW convolution by im2col and batched matrix products; keeps only ``x``, ``a`` and the cells.
+    """KW convolution by im2col and batched matrix products; keeps only ``x``, ``a`` and the cells (or
+    the copy of them that the layers of a forward pass share).
 
     One matrix product of mixture rows and cells (:func:`cell_layout`) assembles the kernels of a
     chunk of samples (:func:`_samples_per_chunk`), laid out so that each output block's kernels are a
