@@ -1,6 +1,7 @@
 """main.py as users run it: training, evaluation, configs, errors, distributed launch (all on the CPU)."""
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import main
+import utils
 from engine import get_temperature, train_one_epoch
 from modules.kernel_warehouse import Attention, WarehouseManager
 
@@ -17,7 +19,8 @@ ROOT = Path(__file__).parent.parent
 # A tiny, deterministic recipe: no augmentation randomness beyond crops/flips, no mixup.
 QUICK = ['--input_size', '32', '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0',
          '--device', 'cpu', '--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
-         '--color_jitter', '0', '--print_freq', '100', '--train_samples', '16', '--val_samples', '12']
+         '--color_jitter', '0', '--print_freq', '100', '--train_samples', '16', '--val_samples', '12',
+         '--keep_freed_memory', 'false']  # the test process keeps glibc's defaults (see the tests of the flag)
 
 
 def run_main(*argv):
@@ -175,6 +178,68 @@ def test_cuda_graph_on_the_cpu_fails_cleanly(tmp_path, capsys):
     assert exit_info.value.code != 0
     assert '--cuda_graph true needs a CUDA GPU and this run is on the CPU' in capsys.readouterr().err
     assert not out.exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raising(error: Exception):
+    """A function that raises ``error``, whatever it is called with."""
+    def raise_error(*args, **kwargs):
+        raise error
+    return raise_error
+
+
+@pytest.mark.parametrize('device, flag, expected_calls', [('cpu', 'true', 1), ('cpu', 'false', 0), ('cuda', 'true', 0)])
+def test_main_keeps_freed_memory_on_the_cpu_unless_told_not_to(device, flag, expected_calls, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: device == 'cuda')  # no GPU is touched before the stop
+    calls = []
+    monkeypatch.setattr(utils, 'keep_freed_memory', lambda: calls.append(1) or True)
+    monkeypatch.setattr(main, 'build_loaders', _raising(_Stop()))  # the step after the choice
+    with pytest.raises(_Stop):
+        run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', *QUICK, '--device', device,
+                 '--keep_freed_memory', flag)
+    assert len(calls) == expected_calls
+    assert ('Keeping freed memory for reuse' in capsys.readouterr().out) == bool(expected_calls)
+
+
+# Frees a touched 256 MiB block from C and prints how much the resident memory fell (KiB).
+_FREED_MEMORY_PROBE = """
+import ctypes, sys
+import utils
+if sys.argv[1] == 'keep':
+    assert utils.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def resident_kib():
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmRSS:'))
+size = 256 << 20
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+before = resident_kib()
+libc.free(block)
+print(before - resident_kib())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_keep_freed_memory_keeps_a_freed_block_resident():
+    """With glibc's defaults a freed 256 MiB block goes back to the kernel; after keep_freed_memory it stays."""
+    fall_kib = {mode: int(subprocess.run([sys.executable, '-c', _FREED_MEMORY_PROBE, mode], cwd=ROOT, check=True,
+                                         capture_output=True, text=True).stdout)
+                for mode in ('default', 'keep')}
+    assert fall_kib['default'] > 200 << 10
+    assert fall_kib['keep'] < 16 << 10
+
+
+def test_keep_freed_memory_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(sys, 'platform', 'darwin')
+    assert utils.keep_freed_memory() is False
+    monkeypatch.setattr(sys, 'platform', 'linux')
+    monkeypatch.setattr(utils.ctypes, 'CDLL', _raising(OSError('no C library')))
+    assert utils.keep_freed_memory() is False
 
 
 def test_missing_data_folder_fails_cleanly_from_the_command_line(tmp_path):
