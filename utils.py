@@ -246,14 +246,15 @@ MALLOPT_MAX = 2 ** 31 - 1
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory the process frees, for its next allocations to reuse.
 
-    By default glibc gives large freed blocks back to the kernel (those above an adaptive threshold of at
-    most 32 MiB, and the heap's free top above twice that), so a training step on the CPU faults the
-    same large buffers in again, page by page, in every step; a KW step allocates many (per-sample kernels, unfolded inputs). Raising both
-    thresholds to their maximum (2 GiB) keeps such blocks: KW ResNet18 then trained 1.12-1.16x faster
-    on 2 CPU cores, and the process holds on to its peak memory (README, Training on a CPU). The same as the
-    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` environment variables, set from inside
-    the process (and so inherited by data loader workers forked later). Returns whether the C library
-    took both settings: ``False`` off Linux and with C libraries without them (e.g. musl).
+    By default glibc gives large freed blocks back to the kernel (those above an adaptive threshold of
+    at most 32 MiB, and the heap's free top above twice that), so a training step on the CPU faults the
+    same large buffers in again, page by page, in every step, and a KW step allocates many (per-sample
+    kernels, unfolded inputs). Raising both thresholds to their maximum (2 GiB) keeps such blocks: KW
+    ResNet18 then trained 1.12-1.16x faster on 2 CPU cores, and the process holds on to its peak
+    memory (README, Training on a CPU). It does what the ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` environment variables do, from inside the process (data loader workers
+    forked later inherit it). Returns whether the C library took both settings: ``False`` off Linux
+    and with C libraries that lack them (e.g. musl).
     """
     if not sys.platform.startswith('linux'):
         return False
