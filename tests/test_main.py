@@ -19,8 +19,7 @@ ROOT = Path(__file__).parent.parent
 # A tiny, deterministic recipe: no augmentation randomness beyond crops/flips, no mixup.
 QUICK = ['--input_size', '32', '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0',
          '--device', 'cpu', '--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
-         '--color_jitter', '0', '--print_freq', '100', '--train_samples', '16', '--val_samples', '12',
-         '--keep_freed_memory', 'false']  # the test process keeps glibc's defaults (see the tests of the flag)
+         '--color_jitter', '0', '--print_freq', '100', '--train_samples', '16', '--val_samples', '12']
 
 
 def run_main(*argv):
