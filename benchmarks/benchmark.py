@@ -23,8 +23,8 @@ from typing import Callable, Dict, List, Optional
 import timm
 import torch
 
-from common import (DTYPES, describe_device, format_bytes, in_memory_format, int_list, memory_format,
-                    name_list, peak_memory_function, setup_device, time_per_call, training_step)
+from common import (DTYPES, add_cpu_options, describe_device, format_bytes, in_memory_format, int_list,
+                    memory_format, name_list, peak_memory_function, setup_device, time_per_call, training_step)
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from utils import UserError, check_compile_options  # noqa: E402
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per configuration')
     parser.add_argument('--iters', type=int, default=3, help='timed steps per repeat')
     parser.add_argument('--repeats', type=int, default=3, help='interleaved repeats; the median is reported')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    add_cpu_options(parser)
     parser.add_argument('--channels-last', action='store_true', help='model and input in channels_last')
     parser.add_argument('--temperature', type=float, default=0.0, help='KW temperature during the steps')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
@@ -175,7 +175,7 @@ def main(argv=None) -> None:
     variants = build_variants(args, device)
     compile_mode = args.compile_mode or 'default'
     compile_note = f'; torch.compile ({args.compile_backend}, mode {compile_mode})' if args.compile else ''
-    print(f'device: {describe_device(device)}; torch {torch.__version__}; image {args.img_size} px; '
+    print(f'device: {describe_device(device, args)}; torch {torch.__version__}; image {args.img_size} px; '
           f'median of {args.repeats} x {args.iters} steps after {args.warmup} warm-up steps'
           f'{"; channels_last" if args.channels_last else ""}'
           f'{compile_note}\n')

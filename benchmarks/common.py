@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run from anywhere without installing
 
-from utils import memory_format, to_channels_last  # noqa: E402
+from utils import keep_freed_memory, memory_format, to_channels_last  # noqa: E402
 
 # Autocast dtypes by name; 'fp32' runs without autocast.
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -63,14 +63,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def add_cpu_options(parser) -> None:
+    """The options every script takes for CPU runs (applied by :func:`setup_device`)."""
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help="on the CPU, have glibc's malloc keep freed memory for reuse, as main.py does "
+                             '(utils.keep_freed_memory)')
+
+
 def setup_device(args) -> torch.device:
-    """Apply ``--threads`` (if given) and resolve ``--device``."""
+    """Apply ``--threads`` and ``--keep-freed-memory`` (if given) and resolve ``--device``."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return resolve_device(args.device)
+    device = resolve_device(args.device)
+    if args.keep_freed_memory and device.type == 'cpu' and not keep_freed_memory():
+        raise SystemExit("error: --keep-freed-memory needs Linux with glibc's malloc; run without it.")
+    return device
 
 
-def describe_device(device: torch.device) -> str:
+def describe_device(device: torch.device, args) -> str:
+    """The device in words, with the CPU options of ``args`` (:func:`add_cpu_options`) that change its speed."""
     if device.type == 'cuda':
         return f'{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}'
     model = platform.processor() or 'unknown CPU'
@@ -79,7 +91,8 @@ def describe_device(device: torch.device) -> str:
             model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    return f'{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads'
+    kept = ', freed memory kept' if args.keep_freed_memory else ''
+    return f'{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads{kept}'
 
 
 def synchronize(device: torch.device) -> None:

@@ -19,8 +19,8 @@ from typing import Dict, List
 import timm
 import torch
 
-from common import (DTYPES, describe_device, in_memory_format, memory_format, name_list, setup_device,
-                    time_per_call)
+from common import (DTYPES, add_cpu_options, describe_device, in_memory_format, memory_format, name_list,
+                    setup_device, time_per_call)
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from modules.kernel_warehouse import KWConvNd  # noqa: E402
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--iters', type=int, default=5, help='back-to-back calls per timing')
     parser.add_argument('--channels-last', action='store_true', help='model and input in channels_last')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    add_cpu_options(parser)
     args = parser.parse_args(argv)
     name_list(args.model, timm.list_models(), 'model')
     name_list(args.dtype, DTYPES, 'dtype')
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
         memory_format=memory_format(args.channels_last))
     with autocast_for(args.dtype, device):  # each layer gets the dtype it sees in the model
         inputs = layer_inputs(model, x)
-    print(f'device: {describe_device(device)}; torch {torch.__version__}; {args.model}, batch {args.batch_size}, '
+    print(f'device: {describe_device(device, args)}; torch {torch.__version__}; {args.model}, batch {args.batch_size}, '
           f'{args.img_size} px, {args.dtype}{"; channels_last" if args.channels_last else ""}; '
           f'median of {args.repeats}; times in ms\n')
     header = ['layer', 'input', 'kernel', 'stride', 'ratio'] + [f'{i} {p}' for i in IMPLS for p in ('fwd', 'fwd+bwd')]

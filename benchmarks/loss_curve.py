@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
-from common import DTYPES, describe_device, in_memory_format, memory_format, name_list, setup_device
+from common import (DTYPES, add_cpu_options, describe_device, in_memory_format, memory_format, name_list,
+                    setup_device)
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from datasets import Digits  # noqa: E402
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--temp-steps', type=int, default=None, help='steps of temperature decay (default: half)')
     parser.add_argument('--window', type=int, default=10, help='steps per mean loss')
     parser.add_argument('--channels-last', action='store_true', help='model and images in channels_last')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    add_cpu_options(parser)
     args = parser.parse_args(argv)
     name_list(args.model, timm.list_models(), 'model')
     name_list(args.dtype, DTYPES, 'dtype')
@@ -96,7 +97,7 @@ def main(argv=None) -> None:
             curves[impl] = train(copy.deepcopy(start), data, args, device)
     windows = [range(start, min(start + args.window, args.steps)) for start in range(0, args.steps, args.window)]
     means = {impl: [sum(curve[i] for i in w) / len(w) for w in windows] for impl, curve in curves.items()}
-    print(f'device: {describe_device(device)}; {args.model}, DIGITS {args.img_size} px, batch {args.batch_size}, '
+    print(f'device: {describe_device(device, args)}; {args.model}, DIGITS {args.img_size} px, batch {args.batch_size}, '
           f'{args.dtype}{", channels_last" if args.channels_last else ""}, {args.steps} steps; mean loss per window\n')
     print('| steps | ' + ' | '.join(args.impls) + ' |')
     print('|' + '---|' * (len(args.impls) + 1))

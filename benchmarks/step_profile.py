@@ -22,7 +22,8 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import DTYPES, build_for_training, describe_device, name_list, setup_device, synchronize, training_step
+from common import (DTYPES, add_cpu_options, build_for_training, describe_device, name_list, setup_device,
+                    synchronize, training_step)
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from engine import capture_training_graph  # noqa: E402
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--channels-last', action='store_true', help='model and input in channels_last')
     parser.add_argument('--top', type=int, default=0, help='list the N kernels that took longest')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    add_cpu_options(parser)
     args = parser.parse_args(argv)
     args.models = name_list(args.models, timm.list_models(), 'model')
     name_list(args.impl, IMPLEMENTATIONS, 'implementation')
@@ -111,7 +112,7 @@ def warm_step(model, optimizer, x, y, args) -> Callable[[], None]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
-    print(f'device: {describe_device(device)}; torch {torch.__version__}; batch {args.batch_size}, '
+    print(f'device: {describe_device(device, args)}; torch {torch.__version__}; batch {args.batch_size}, '
           f'{args.img_size} px, {args.dtype}; KW models with impl {args.impl}'
           f'{"; channels_last" if args.channels_last else ""}\n')
     rows, listings = {}, {}

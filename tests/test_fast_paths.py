@@ -581,6 +581,15 @@ def test_benchmark_compiles_the_models():
     assert rows[0][5].strip() == '1.00x' and rows[1][5].strip().endswith('x')  # compiled vs the eager reference
 
 
+def test_benchmarks_refuse_to_run_without_keeping_freed_memory_when_asked():
+    code = ("import sys, utils; utils.keep_freed_memory = lambda: False; sys.argv[1:] = ['--device', 'cpu', "
+            "'--keep-freed-memory']; sys.path.insert(0, 'benchmarks'); import benchmark; benchmark.main()")
+    result = _python('-c', code)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --keep-freed-memory needs Linux with glibc's malloc; run without it.")
+
+
 def test_benchmark_rejects_unknown_model():
     result = _python('benchmarks/benchmark.py', '--models', 'kw_resnet19')
     assert result.returncode != 0
@@ -602,8 +611,9 @@ def test_step_profile_prints_table():
 
 def test_layer_benchmark_lists_kw_layers():
     result = _python('benchmarks/layers.py', '--device', 'cpu', '--model', 'kw_resnet18', '--batch-size', '4',
-                     '--img-size', '32', '--repeats', '1', '--iters', '1', '--threads', '1')
+                     '--img-size', '32', '--repeats', '1', '--iters', '1', '--threads', '1', '--keep-freed-memory')
     assert result.returncode == 0, result.stderr
+    assert '1 torch threads, freed memory kept;' in result.stdout.splitlines()[0]
     rows = [line for line in result.stdout.splitlines() if re.match(r'\| layer\d', line)]
     assert len(rows) == 19  # every KW conv of the ResNet-18
     assert all(row.split('|')[-2].strip() in ('reference', 'gemm', 'input_mix') for row in rows)
