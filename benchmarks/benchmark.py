@@ -175,7 +175,8 @@ def main(argv=None) -> None:
     variants = build_variants(args, device)
     compile_mode = args.compile_mode or 'default'
     compile_note = f'; torch.compile ({args.compile_backend}, mode {compile_mode})' if args.compile else ''
-    print(f'device: {describe_device(device, args)}; torch {torch.__version__}; image {args.img_size} px; '
+    device_text = describe_device(device, args.keep_freed_memory)
+    print(f'device: {device_text}; torch {torch.__version__}; image {args.img_size} px; '
           f'median of {args.repeats} x {args.iters} steps after {args.warmup} warm-up steps'
           f'{"; channels_last" if args.channels_last else ""}'
           f'{compile_note}\n')

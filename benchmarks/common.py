@@ -81,8 +81,8 @@ def setup_device(args) -> torch.device:
     return device
 
 
-def describe_device(device: torch.device, args) -> str:
-    """The device in words, with the CPU options of ``args`` (:func:`add_cpu_options`) that change its speed."""
+def describe_device(device: torch.device, keep_freed_memory: bool = False) -> str:
+    """The device in words; on the CPU with its threads, and whether freed memory is kept (``--keep-freed-memory``)."""
     if device.type == 'cuda':
         return f'{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}'
     model = platform.processor() or 'unknown CPU'
@@ -91,7 +91,7 @@ def describe_device(device: torch.device, args) -> str:
             model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    kept = ', freed memory kept' if args.keep_freed_memory else ''
+    kept = ', freed memory kept' if keep_freed_memory else ''
     return f'{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads{kept}'
 
 

@@ -102,7 +102,8 @@ def main(argv=None) -> None:
         memory_format=memory_format(args.channels_last))
     with autocast_for(args.dtype, device):  # each layer gets the dtype it sees in the model
         inputs = layer_inputs(model, x)
-    print(f'device: {describe_device(device, args)}; torch {torch.__version__}; {args.model}, batch {args.batch_size}, '
+    device_text = describe_device(device, args.keep_freed_memory)
+    print(f'device: {device_text}; torch {torch.__version__}; {args.model}, batch {args.batch_size}, '
           f'{args.img_size} px, {args.dtype}{"; channels_last" if args.channels_last else ""}; '
           f'median of {args.repeats}; times in ms\n')
     header = ['layer', 'input', 'kernel', 'stride', 'ratio'] + [f'{i} {p}' for i in IMPLS for p in ('fwd', 'fwd+bwd')]

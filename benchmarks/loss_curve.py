@@ -97,7 +97,8 @@ def main(argv=None) -> None:
             curves[impl] = train(copy.deepcopy(start), data, args, device)
     windows = [range(start, min(start + args.window, args.steps)) for start in range(0, args.steps, args.window)]
     means = {impl: [sum(curve[i] for i in w) / len(w) for w in windows] for impl, curve in curves.items()}
-    print(f'device: {describe_device(device, args)}; {args.model}, DIGITS {args.img_size} px, batch {args.batch_size}, '
+    device_text = describe_device(device, args.keep_freed_memory)
+    print(f'device: {device_text}; {args.model}, DIGITS {args.img_size} px, batch {args.batch_size}, '
           f'{args.dtype}{", channels_last" if args.channels_last else ""}, {args.steps} steps; mean loss per window\n')
     print('| steps | ' + ' | '.join(args.impls) + ' |')
     print('|' + '---|' * (len(args.impls) + 1))

@@ -112,7 +112,8 @@ def warm_step(model, optimizer, x, y, args) -> Callable[[], None]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
-    print(f'device: {describe_device(device, args)}; torch {torch.__version__}; batch {args.batch_size}, '
+    device_text = describe_device(device, args.keep_freed_memory)
+    print(f'device: {device_text}; torch {torch.__version__}; batch {args.batch_size}, '
           f'{args.img_size} px, {args.dtype}; KW models with impl {args.impl}'
           f'{"; channels_last" if args.channels_last else ""}\n')
     rows, listings = {}, {}
