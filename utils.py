@@ -238,9 +238,11 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 # Host memory
 # ----------------------------------------------------------------------------------------------
 
-# mallopt parameters (glibc's malloc.h) and the largest value they take (a C int)
+# mallopt parameters (glibc's malloc.h), the largest value they take (a C int), and the trim threshold
+# that turns trimming off (mallopt(3): -1, read as the largest size)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOPT_MAX = 2 ** 31 - 1
+NEVER_TRIM = -1
 
 
 def keep_freed_memory() -> bool:
@@ -249,12 +251,14 @@ def keep_freed_memory() -> bool:
     By default glibc gives large freed blocks back to the kernel (those above an adaptive threshold of
     at most 32 MiB, and the heap's free top above twice that), so a training step on the CPU faults the
     same large buffers in again, page by page, in every step, and a KW step allocates many (per-sample
-    kernels, unfolded inputs). Raising both thresholds to their maximum (2 GiB) keeps such blocks: KW
-    ResNet18 then trained 1.12-1.16x faster on 2 CPU cores, and the process holds on to its peak
-    memory (README, Training on a CPU). It does what the ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_TRIM_THRESHOLD_`` environment variables do, from inside the process (data loader workers
-    forked later inherit it). Returns whether the C library took both settings: ``False`` off Linux
-    and with C libraries that lack them (e.g. musl).
+    kernels, unfolded inputs). Raising the mmap threshold to its maximum (2 GiB) and turning trimming
+    off keeps such blocks: KW ResNet18 then trained 1.12-1.16x faster on 2 CPU cores, and the process
+    holds on to its peak memory (README, Training on a CPU). Trimming goes off rather than to the
+    largest threshold a C int holds, 2 GiB: a step whose freed memory exceeded that (the original
+    algorithm's at batch 32, 4 GiB peak) was handed back and faulted in again. It does what the
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` environment variables do, from inside
+    the process (data loader workers forked later inherit it). Returns whether the C library took both
+    settings: ``False`` off Linux and with C libraries that lack them (e.g. musl).
     """
     if not sys.platform.startswith('linux'):
         return False
@@ -262,7 +266,8 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):
         return False
-    return all(mallopt(parameter, MALLOPT_MAX) == 1 for parameter in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
+    return all(mallopt(parameter, value) == 1
+               for parameter, value in ((M_MMAP_THRESHOLD, MALLOPT_MAX), (M_TRIM_THRESHOLD, NEVER_TRIM)))
 
 
 # ----------------------------------------------------------------------------------------------
