@@ -6,12 +6,14 @@ raise :class:`utils.UserError` with the fix, before anything is written.
 import argparse
 import itertools
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.data import create_transform
+from timm.data.auto_augment import AugMixAugment, AugmentOp, AutoAugment, RandAugment
+from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets, transforms
 
@@ -59,6 +61,38 @@ def _normalisation(args: argparse.Namespace) -> Tuple[tuple, tuple]:
     return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
 
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, also when it keeps no bits: then a black image, as Pillow < 13 made it.
+
+    RandAugment's increasing posterize keeps ``4 - magnitude * 4 / 10`` bits, none at the largest
+    magnitude, which ``rand-m9-mstd0.5`` samples for about 1 image in 700; Pillow 13 raises a
+    ValueError there, older Pillow (which the original release trained with) blacked the image.
+    Guarding the op keeps that behaviour on any Pillow, where pinning an old Pillow would hold back
+    every other package that needs a current one.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit masked off: zeros in every band
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def _augment_ops(transform: Callable) -> Iterable[AugmentOp]:
+    """The ops of the auto-augmentation policies (RandAugment, AutoAugment, AugMix) in ``transform``."""
+    for step in getattr(transform, 'transforms', [transform]):
+        if isinstance(step, (RandAugment, AugMixAugment)):
+            yield from step.ops
+        elif isinstance(step, AutoAugment):
+            for sub_policy in step.policy:
+                yield from sub_policy
+
+
+def guard_posterize(transform: Callable) -> Callable:
+    """``transform`` with its auto-augmentation's posterize ops made safe for 0 bits (in place)."""
+    for op in _augment_ops(transform):
+        if op.aug_fn is timm_posterize:
+            op.aug_fn = posterize_any_bits
+    return transform
+
+
 def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
     """timm's augmentation (RandAugment, random erasing, ...) or, with ``--traditional_preprocess``,
     random-resized-crop + flip for training and resize + center crop for evaluation."""
@@ -78,7 +112,7 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
             re_count=args.recount, mean=mean, std=std)
         if not resize_im:  # small images: pad-and-crop instead of a random resized crop
             transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
-        return transform
+        return guard_posterize(transform)
     steps = []
     if resize_im:
         if args.input_size >= 384:

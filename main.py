@@ -31,7 +31,7 @@ import models
 import utils
 from datasets import DATA_SETS, EpochSampler, ShardSampler, build_dataset
 from engine import NonFiniteLossError, capture_training_graph, evaluate, get_temperature, train_one_epoch
-from optim_factory import create_optimizer
+from optim_factory import create_optimizer, optimizer_state_from_original
 from utils import CheckpointError, UserError, str2bool
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -47,9 +47,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add('--update_freq', default=1, type=int, help='gradient accumulation steps')
 
     group = parser.add_argument_group('model')
-    group.add_argument('--model', default='convnext_tiny', type=str, help='model name (see README)')
-    group.add_argument('--drop_path', type=float, default=0, help='stochastic depth rate')
-    group.add_argument('--dropout', type=float, default=None, help='dropout before the classifier (default: model\'s)')
+    group.add_argument('--model', default='convnext_tiny', type=str, help='model name (see docs/models.md)')
+    group.add_argument('--drop_path', type=float, default=models.CONFIG_DEFAULTS['drop_path'],
+                       help='stochastic depth rate (every ResNet block; rising with depth to it in ConvNeXt)')
+    group.add_argument('--dropout', type=float, default=models.CONFIG_DEFAULTS['dropout'],
+                       help='dropout before the classifier (0, as in the original, whatever the model\'s own default)')
     group.add_argument('--input_size', default=224, type=int, help='image size')
     group.add_argument('--patch_size', default=None, type=int, help='ViT patch size (default: the model\'s)')
     group.add_argument('--layer_scale_init_value', default=1e-6, type=float, help='ConvNeXt layer scale init')
@@ -140,11 +142,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument('--use_amp', type=str2bool, default=False, help='automatic mixed precision')
     group.add_argument('--amp_dtype', default='float16', choices=sorted(AMP_DTYPES))
     group.add_argument('--channels_last', type=str2bool, default=False,
-                       help='keep images and activations channels-last (faster on GPUs, with AMP most; README)')
+                       help='keep images and activations channels-last (faster on GPUs, with AMP most; docs/training.md)')
     group.add_argument('--cuda_graph', type=str2bool, default=False,
-                       help='replay the training forward and backward as CUDA graphs (one GPU; README)')
+                       help='replay the training forward and backward as CUDA graphs (one GPU; docs/training.md)')
     group.add_argument('--compile', type=str2bool, default=False,
-                       help='run the model through torch.compile (fewer, fused kernels; also under torchrun; README)')
+                       help='run the model through torch.compile (fewer, fused kernels; also under torchrun; docs/training.md)')
     group.add_argument('--compile_backend', default='inductor',
                        help="torch.compile's backend (torch.compiler.list_backends())")
     group.add_argument('--compile_mode', default=None,
@@ -152,7 +154,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             'max-autotune (torch._inductor.list_mode_options())')
     group.add_argument('--keep_freed_memory', type=str2bool, default=True,
                        help='on the CPU, keep freed memory for reuse (glibc): faster training, but the process '
-                            'keeps its peak memory (README)')
+                            'keeps its peak memory (docs/training.md)')
     group.add_argument('--trust_checkpoint', type=str2bool, default=False,
                        help='allow checkpoints that need arbitrary code to load (only from trusted sources)')
 
@@ -333,10 +335,14 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+def weight_keys(args: argparse.Namespace) -> List[str]:
+    """Where checkpoints keep the weights: ``--model_key``'s keys, then the usual places."""
+    return list(dict.fromkeys([k for k in args.model_key.split('|') if k] + list(utils.STATE_DICT_KEYS)))
+
+
 def weights_of(checkpoint: Any, path: str, args: argparse.Namespace) -> Dict[str, torch.Tensor]:
     """The weights of a loaded checkpoint, looked up under ``--model_key``, then the usual places."""
-    keys = dict.fromkeys([k for k in args.model_key.split('|') if k] + list(utils.STATE_DICT_KEYS))
-    return utils.extract_state_dict(checkpoint, keys=list(keys), prefix=args.model_prefix,
+    return utils.extract_state_dict(checkpoint, keys=weight_keys(args), prefix=args.model_prefix,
                                     source=f'checkpoint {path}')
 
 
@@ -403,7 +409,7 @@ class RunState:
         output_dir = Path(self.args.output_dir)
         path = output_dir / f'checkpoint-{name}.pth'
         utils.save_checkpoint(checkpoint, path)
-        if name != 'best':
+        if not name.startswith('best'):  # best, best-ema
             self.last_saved = path
             self._prune(output_dir)
 
@@ -431,8 +437,10 @@ class RunState:
             raise UserError(f'{path} is a checkpoint of {saved_args.model}, not {args.model}; resume it with '
                             f'--model {saved_args.model}, or use another --output_dir (or --auto_resume false).')
         utils.load_model_weights(self.model, state_dict, source=f'checkpoint {path}')
-        # released checkpoints carry no temperature: they are fully trained (temperature 0)
-        self.temperature = float(checkpoint.get('temperature', 0.0))
+        # Released checkpoints carry no temperature: they are fully trained (temperature 0). EMA
+        # weights (--model_key model_ema) belong to temperature 0 too: the EMA copy never leaves it.
+        ema_weights = utils.state_dict_key(checkpoint, weight_keys(args)) == 'model_ema'
+        self.temperature = 0.0 if ema_weights else float(checkpoint.get('temperature', 0.0))
         print(f'Loaded weights from {path}')
         return checkpoint
 
@@ -440,13 +448,23 @@ class RunState:
         """Load weights (all ``--eval`` needs) and, for training, everything else the checkpoint has."""
         args = self.args
         checkpoint = self.load_weights(path, checkpoint)
-        if args.eval or not isinstance(checkpoint.get('epoch'), int) or 'optimizer' not in checkpoint:
+        if args.eval:
             return
-        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        if self.model_ema is not None:
+            self._resume_ema(path, checkpoint)
+        if not isinstance(checkpoint.get('epoch'), int) or 'optimizer' not in checkpoint:
+            return  # weights only: training starts from them
+        optimizer_state = checkpoint['optimizer']
+        if 'temperature' not in checkpoint:  # written by the original release: its groups are ordered otherwise
+            optimizer_state = optimizer_state_from_original(optimizer_state, self.model, self.optimizer, path)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except ValueError as error:  # another --opt or --layer_decay than the run that wrote it
+            raise UserError(f'the optimizer state in {path} does not fit this run\'s optimizer ({error}); resume '
+                            f'with the options it was trained with, or use --finetune {path} to start from its '
+                            f'weights with a new optimizer.') from None
         if 'scaler' in checkpoint:
             self.scaler.load_state_dict(checkpoint['scaler'])
-        if self.model_ema is not None and 'model_ema' in checkpoint:
-            self.model_ema.module.load_state_dict(checkpoint['model_ema'])
         self.max_accuracy = checkpoint.get('max_accuracy', -1.0)
         self.max_accuracy_ema = checkpoint.get('max_accuracy_ema', -1.0)
         step = checkpoint.get('step')
@@ -460,6 +478,15 @@ class RunState:
         self.last_saved = Path(path)
         where = f'epoch {args.start_epoch}' + (f', after step {self.start_step}' if self.start_step else '')
         print(f'Continuing training at {where}')
+
+    def _resume_ema(self, path: str, checkpoint: Dict[str, Any]) -> None:
+        """The EMA weights of the checkpoint; without them the EMA starts from the checkpoint's model,
+        as in the original (not from the model's initialisation)."""
+        if utils.state_dict_key(checkpoint, ['model_ema']) is None:
+            self.model_ema.set(self.model)
+            return
+        ema_weights = utils.extract_state_dict(checkpoint, keys=['model_ema'], prefix=self.args.model_prefix)
+        utils.load_model_weights(self.model_ema.module, ema_weights, source=f'the EMA weights of {path}')
 
     def auto_resume(self, output_dir: Path) -> None:
         """Resume from the newest readable checkpoint of ``output_dir``, skipping corrupt ones."""
@@ -623,9 +650,13 @@ def train(args, model, state: RunState, loader_train, loader_val, device, amp_dt
             print(f'Max accuracy: {state.max_accuracy:.2f}%')
             log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
             if state.model_ema is not None and args.model_ema_eval:
+                # at temperature 0: the EMA copy is taken at 0 and never follows the schedule (KW-SPEC section 8)
                 ema_stats = evaluate(loader_val, state.model_ema.module, device, amp_dtype, args.print_freq,
-                                     state.temperature, memory_format=layout)
-                state.max_accuracy_ema = max(state.max_accuracy_ema, ema_stats['acc1'])
+                                     temperature=0.0, memory_format=layout)
+                if ema_stats['acc1'] > state.max_accuracy_ema:
+                    state.max_accuracy_ema = ema_stats['acc1']
+                    if saving:
+                        state.save(epoch, 'best-ema')
                 print(f'Max EMA accuracy: {state.max_accuracy_ema:.2f}%')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
             if log_writer is not None:

@@ -79,18 +79,19 @@ def _is_state_dict(value: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
+def state_dict_key(checkpoint: Any, keys: Sequence[str] = STATE_DICT_KEYS) -> Optional[str]:
+    """The first of ``keys`` under which ``checkpoint`` holds a state dict (None: under none)."""
+    if not isinstance(checkpoint, Mapping):
+        return None
+    return next((key for key in keys if _is_state_dict(checkpoint.get(key))), None)
+
+
 def extract_state_dict(checkpoint: Any, keys: Sequence[str] = STATE_DICT_KEYS, prefix: str = '',
                        source: str = 'checkpoint') -> 'OrderedDict[str, torch.Tensor]':
     """The weights of a checkpoint: under the first of ``keys`` that holds a state dict, or the
     checkpoint itself if it is a bare state dict. Strips a DDP ``module.`` prefix and ``prefix``."""
-    state_dict = None
-    if isinstance(checkpoint, Mapping):
-        for key in keys:
-            if _is_state_dict(checkpoint.get(key)):
-                state_dict = checkpoint[key]
-                break
-        if state_dict is None and _is_state_dict(checkpoint):
-            state_dict = checkpoint
+    key = state_dict_key(checkpoint, keys)
+    state_dict = checkpoint[key] if key is not None else checkpoint if _is_state_dict(checkpoint) else None
     if state_dict is None:
         raise CheckpointError(f'{source} holds no model weights (looked for a state dict under '
                               f'{", ".join(repr(k) for k in keys)} or at the top level).')
@@ -253,7 +254,7 @@ def keep_freed_memory() -> bool:
     same large buffers in again, page by page, in every step, and a KW step allocates many (per-sample
     kernels, unfolded inputs). Raising the mmap threshold to its maximum (2 GiB) and turning trimming
     off keeps such blocks: KW ResNet18 then trained 1.12-1.16x faster on 2 CPU cores, and the process
-    holds on to its peak memory (README, Training on a CPU). Trimming goes off rather than to the
+    holds on to its peak memory (docs/training.md, Training on a CPU). Trimming goes off rather than to the
     largest threshold a C int holds, 2 GiB: a step whose freed memory exceeded that (the original
     algorithm's at batch 32, 4 GiB peak) was handed back and faulted in again. It does what the
     ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` environment variables do, from inside

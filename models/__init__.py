@@ -29,6 +29,11 @@ with warnings.catch_warnings():
         for _entrypoint in _module.ENTRYPOINTS:
             register_model(_entrypoint)
 
+# main.py's defaults for the regularisers a config may leave out. The original's main.py passes its
+# defaults to every model, so a released config without "dropout" trains with classifier dropout 0
+# even where the model built directly has its own (0.2 for MobileNetV2; KW-SPEC section 8).
+CONFIG_DEFAULTS = {'drop_path': 0.0, 'dropout': 0.0}
+
 # Config / main.py option -> model argument.
 CONFIG_TO_MODEL_ARGS = {
     'nb_classes': 'num_classes', 'drop_path': 'drop_path_rate', 'dropout': 'dropout',
@@ -41,9 +46,11 @@ CONFIG_TO_MODEL_ARGS = {
 def create_model_from_config(config: Mapping[str, Any], **overrides) -> nn.Module:
     """Build the model a config (a released JSON or main.py's options) describes.
 
-    Options that are absent or None take the model's defaults; ``overrides`` are model arguments
+    Absent regularisers take main.py's defaults (``CONFIG_DEFAULTS``), as in the original; other
+    options that are absent or None take the model's defaults. ``overrides`` are model arguments
     (e.g. ``num_classes=10``) that win over the config.
     """
+    config = {**CONFIG_DEFAULTS, **config}
     kwargs = {arg: config[option] for option, arg in CONFIG_TO_MODEL_ARGS.items() if option in config}
     kwargs.update(overrides)
     return timm.create_model(config['model'], **kwargs)
@@ -63,4 +70,4 @@ def classifier_state_keys(model: nn.Module) -> Set[str]:
     return keys
 
 
-__all__ = ['CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'classifier_state_keys', 'ConvNeXt', 'MobileNetV2', 'ResNet', 'create_model_from_config']
+__all__ = ['CONFIG_DEFAULTS', 'CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'classifier_state_keys', 'ConvNeXt', 'MobileNetV2', 'ResNet', 'create_model_from_config']

@@ -101,7 +101,8 @@ class ResNet(TemperatureMixin, nn.Module):
         layers: blocks per stage.
         num_classes: classifier outputs.
         dropout: dropout before ``fc``.
-        drop_path_rate: stochastic depth, linearly increasing over the blocks.
+        drop_path_rate: stochastic depth of every residual block (uniform over depth, as in the
+            original release; KW-SPEC section 8).
         kw: ``WarehouseManager`` settings, or ``None`` for a plain ResNet.
     """
 
@@ -115,12 +116,9 @@ class ResNet(TemperatureMixin, nn.Module):
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        drop_paths = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
         for stage, depth in enumerate(layers):
-            first = sum(layers[:stage])
             self.add_module(f'layer{stage + 1}', self._make_stage(
-                block, 64 * 2 ** stage, depth, stage, layers[stage - 1] if stage else 0,
-                drop_paths[first:first + depth], make_layer))
+                block, 64 * 2 ** stage, depth, stage, layers[stage - 1] if stage else 0, drop_path_rate, make_layer))
         self.num_features = 512 * block.expansion
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
@@ -135,7 +133,7 @@ class ResNet(TemperatureMixin, nn.Module):
         finish_kw(self)
 
     def _make_stage(self, block: Block, planes: int, depth: int, stage: int, prev_stage_depth: int,
-                    drop_paths: List[float], make_layer: Callable[..., nn.Module]) -> nn.Sequential:
+                    drop_path: float, make_layer: Callable[..., nn.Module]) -> nn.Sequential:
         stride = 1 if stage == 0 else 2
         blocks = []
         for index in range(depth):
@@ -145,7 +143,7 @@ class ResNet(TemperatureMixin, nn.Module):
                 downsample = nn.Sequential(
                     _conv(make_layer, self.inplanes, planes * block.expansion, 1, stride, downsample_name),
                     nn.BatchNorm2d(planes * block.expansion))
-            blocks.append(block(self.inplanes, planes, stride if index == 0 else 1, downsample, drop_paths[index],
+            blocks.append(block(self.inplanes, planes, stride if index == 0 else 1, downsample, drop_path,
                                 make_layer, conv_names))
             self.inplanes = planes * block.expansion
         return nn.Sequential(*blocks)
