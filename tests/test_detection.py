@@ -189,10 +189,10 @@ def test_multi_scale_features_are_the_classification_models(tmp_path, family, ar
     backbone.init_weights()
     assert len(backbone.state_dict()) == len(classifier.state_dict()) - len(
         [k for k in classifier.state_dict() if k.split('.')[0] in backbone.head_modules]) + new_keys
-    x = torch.randn(2, 3, 64, 96)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)  # float64: equal whatever kernels each path gets
     with torch.no_grad():
-        features = backbone.eval()(x)
-        expected = classifier.forward_features(x)
+        features = backbone.double().eval()(x)
+        expected = classifier.double().forward_features(x)
     assert [tuple(f.shape) for f in features] == [(2, c, 64 // s, 96 // s) for c, s in zip(channels, (4, 8, 16, 32))]
     if family == 'ConvNeXt':
         expected = backbone.norm3(expected)

@@ -58,7 +58,24 @@ def test_auto_resume_continues_from_the_newest_checkpoint(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob('checkpoint-*.pth')) == ['checkpoint-1.pth']
 
 
-def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+@pytest.fixture
+def float64():
+    """Runs main.py in float64: the model is built in the default dtype and torchvision's ``to_tensor``
+    converts images to it. Two float32 runs that only sum in another order (another memory layout,
+    another split of the batch) differ by rounding that training amplifies: up to 7.4e-5 in the weights
+    after two steps on one CPU, about 1e3 float32 epsilons. The same amplification of float64's epsilon
+    (1.1e-16) stays below 1e-12, while a real difference moves the weights by the learning rate times a
+    gradient (1e-4 and more here), so ``FLOAT64_TOLERANCE`` tells the two apart on any CPU."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+FLOAT64_TOLERANCE = dict(rtol=1e-9, atol=1e-9)
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path, float64):
     """update_freq 2 at batch 4 makes the same first update as batch 8 (no batch norm in KW ConvNeXt)."""
     weights = []
     for batch, update_freq in [(8, 1), (4, 2)]:
@@ -73,24 +90,25 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
     moved = [k for k in weights[0] if not torch.equal(weights[0][k], initial[k])]
     assert len(moved) > 100  # the step changed the weights...
     for key in weights[0]:  # ...identically
-        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(weights[1][key], weights[0][key], **FLOAT64_TOLERANCE)
 
 
 def _assert_trained_alike(out, expected_out):
     """The run in ``out`` logged the losses of the one in ``expected_out`` and saved the same weights under
     the same keys; returns its weights."""
     record, expected = read_log(out)[0], read_log(expected_out)[0]
-    assert record['train_loss'] == pytest.approx(expected['train_loss'], rel=1e-5)
-    assert record['test_loss'] == pytest.approx(expected['test_loss'], rel=1e-4)
+    assert record['train_loss'] == pytest.approx(expected['train_loss'], rel=1e-9)
+    # evaluation casts the logits to float32 (engine.evaluate) before the loss: one float32 rounding apart
+    assert record['test_loss'] == pytest.approx(expected['test_loss'], rel=1e-6)
     weights, expected_weights = (torch.load(d / 'checkpoint-0.pth', weights_only=False)['model']
                                  for d in (out, expected_out))
     assert weights.keys() == expected_weights.keys()
     for key, value in expected_weights.items():
-        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights[key], value, **FLOAT64_TOLERANCE)
     return weights
 
 
-def test_channels_last_trains_like_the_default_layout(tmp_path):
+def test_channels_last_trains_like_the_default_layout(tmp_path, float64):
     for channels_last in ['false', 'true']:
         run_main('--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', 4, '--opt', 'sgd', '--lr', 0.01,
                  '--output_dir', tmp_path / channels_last, '--channels_last', channels_last, *QUICK)
@@ -99,7 +117,7 @@ def test_channels_last_trains_like_the_default_layout(tmp_path):
                for w in weights_cl.values())  # the run did store its convolutions channels-last
 
 
-def test_compiled_model_trains_like_the_eager_one(tmp_path):
+def test_compiled_model_trains_like_the_eager_one(tmp_path, float64):
     """--compile: the same losses and weights (the temperature changes every step, and at 32 px
     layer 4 runs the input-mixing path), checkpoints without the compile wrapper's key prefix."""
     for compile in ['false', 'true']:
@@ -300,12 +318,22 @@ def test_demo_configs_parse():
         assert args.data_set == 'DIGITS' and args.model.endswith('resnet18')
 
 
+# main.py in float64 (see the float64 fixture), for launchers that start their own processes
+FLOAT64_MAIN = """import runpy, sys, torch
+torch.set_default_dtype(torch.float64)
+sys.path.insert(0, {root!r})
+runpy.run_path({main!r}, run_name='__main__')
+"""
+
+
 def _torchrun(out, *options):
-    """main.py in two CPU processes (gloo), 13 validation images; SGD, which unlike Adam does not turn
-    rounding-level gradients into full-size steps."""
+    """main.py in float64 in two CPU processes (gloo), 13 validation images; SGD, which unlike Adam does
+    not turn rounding-level gradients into full-size steps."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    launcher = out.parent / 'main_float64.py'
+    launcher.write_text(FLOAT64_MAIN.format(root=str(ROOT), main=str(ROOT / 'main.py')))
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
-               'main.py', '--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', '4', '--opt', 'sgd',
+               str(launcher), '--model', 'kw_resnet18', '--data_set', 'FAKE', '--nb_classes', '4', '--opt', 'sgd',
                '--lr', '0.01', '--output_dir', str(out), *QUICK, '--batch_size', '4', '--val_samples', '13', *options]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -318,7 +346,7 @@ def torchrun_eager(tmp_path_factory):
     return out, _torchrun(out)
 
 
-def test_torchrun_two_cpu_processes(torchrun_eager):
+def test_torchrun_two_cpu_processes(torchrun_eager, float64):
     """torchrun with gloo: trains, evaluates each validation image once, only rank 0 writes."""
     out, result = torchrun_eager
     assert result.stdout.count('* Acc@1') == 1 and '(13 images' in result.stdout
