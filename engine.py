@@ -30,7 +30,7 @@ def capture_training_graph(model: nn.Module, sample: torch.Tensor,
 
     After this, a forward in train mode replays the captured kernels (no Python, no launch per
     kernel) on a copy of its input, which must have ``sample``'s shape; eval mode runs the model
-    as before. A KW model is host-bound on fast GPUs (README, Performance): its many small kernels
+    as before. A KW model is host-bound on fast GPUs (docs/performance.md): its many small kernels
     take longer to launch than to run. Uses ``torch.cuda.make_graphed_callables``, under autocast to
     ``amp_dtype`` as in training (its cast cache off, as graphs need). The KW attentions blend their
     temperature even at 0 (``Attention.blend_always``) and read it from a buffer, so the graph

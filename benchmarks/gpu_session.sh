@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's Performance section, in stages, the most wanted first, so
+# The GPU measurements behind docs/performance.md, in stages, the most wanted first, so
 # that a session cut short (a lent GPU may have 10 minutes for one command) still returns them:
 #   tests     the CUDA equivalence tests of the fast paths                               (under a minute)
 #   tables    the KW and plain ResNets at batch 128, channels-last, bf16 and fp16         (about 2 minutes)

@@ -68,7 +68,7 @@ class Tuning(NamedTuple):
 
 
 # Keyed by device type; others use 'default'. Measured with benchmarks/layers.py and
-# benchmarks/benchmark.py (README, Performance). On CUDA in 16 bits every layer of KW ResNet50 at
+# benchmarks/benchmark.py (docs/performance.md). On CUDA in 16 bits every layer of KW ResNet50 at
 # batch 128 ran faster on the GEMM path; in float32 the reference's convolutions use TF32 (cuDNN's
 # default) while the GEMM path's products are exact float32, so only kernel-dominated layers gain.
 TUNING: Dict[str, Tuning] = {
@@ -357,7 +357,7 @@ def _fold(grad_cols: torch.Tensor, g: KWConvGeometry, input_size: Sequence[int],
         return grad_cols.reshape(batch, g.in_planes, *input_size)
     # One strided addition per tap, clipped to the unpadded input: F.fold (col2im, one kernel) needs a
     # second, channel-major copy of the unfolded gradient, which took more memory and time on an H200
-    # (README, Performance).
+    # (docs/performance.md).
     if channels_last:
         grad_x = grad_cols.new_zeros(batch, *input_size, g.groups, g.groups_in, g.cell_shape[2])
     else:
