@@ -80,7 +80,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument('--weight_decay', type=float, default=0.05)
     group.add_argument('--weight_decay_end', type=float, default=None, help='final weight decay (cosine)')
     group.add_argument('--lr', type=float, default=4e-3, help='peak learning rate (for the total batch)')
-    group.add_argument('--layer_decay', type=float, default=1.0, help='layer-wise lr decay (ConvNeXt models)')
+    group.add_argument('--layer_decay', type=float, default=1.0,
+                       help='layer-wise lr decay (groups by depth: timm\'s group_matcher)')
     group.add_argument('--min_lr', type=float, default=1e-6)
     group.add_argument('--warmup_epochs', type=int, default=20)
     group.add_argument('--warmup_steps', type=int, default=-1, help='overrides --warmup_epochs when > 0')

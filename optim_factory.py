@@ -27,8 +27,8 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.
         kwargs['betas'] = tuple(args.opt_betas)
     if args.layer_decay != 1.0:
         if not hasattr(model, 'group_matcher'):
-            raise UserError(f'--layer_decay is supported for the ConvNeXt models only, not {args.model}; '
-                            f'leave it at 1.0.')
+            raise UserError(f'--layer_decay needs a model that groups its parameters by depth (timm\'s '
+                            f'group_matcher), which {args.model} does not; leave it at 1.0.')
         kwargs['layer_decay'] = args.layer_decay
     try:
         return create_optimizer_v2(model, **kwargs)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import numpy._core.multiarray as np_multiarray
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from models._checkpoint import SAFE_CHECKPOINT_GLOBALS  # noqa: F401 (registers them with torch.load)
 
 PathLike = Union[str, Path]
 
@@ -31,19 +32,6 @@ PathLike = Union[str, Path]
 class CheckpointError(Exception):
     """A checkpoint that cannot be used, with one sentence saying why and what to do."""
 
-
-# Plain types that our checkpoints and the original release's hold besides tensors and containers:
-# ``args`` is the run's argparse.Namespace; the original's optimizer states hold numpy scalars (its
-# schedules are numpy arrays), pickled under numpy 1's module name or numpy 2's.
-SAFE_CHECKPOINT_GLOBALS = [
-    argparse.Namespace, np.dtype, np_multiarray.scalar, (np_multiarray.scalar, 'numpy.core.multiarray.scalar'),
-    *(getattr(np.dtypes, f'{kind}DType') for kind in ('Bool', 'Float16', 'Float32', 'Float64', 'Int8', 'Int16',
-                                                      'Int32', 'Int64', 'UInt8', 'UInt16', 'UInt32', 'UInt64')),
-]
-
-# Registered for the whole process (not in a ``safe_globals`` block, which removes its entries on
-# exit, including ones that other code, e.g. the detection plugin, registered too).
-torch.serialization.add_safe_globals(SAFE_CHECKPOINT_GLOBALS)
 
 # Where checkpoints keep the weights, in order of preference.
 STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'module')

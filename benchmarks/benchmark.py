@@ -26,7 +26,7 @@ import torch
 from common import (DTYPES, add_cpu_options, describe_device, format_bytes, in_memory_format, int_list,
                     memory_format, name_list, peak_memory_function, setup_device, time_per_call, training_step)
 
-import models  # noqa: E402,F401  (registers the models with timm)
+import models  # noqa: E402  (registers the models with timm; sys.path set above)
 from utils import UserError, check_compile_options  # noqa: E402
 from modules.kernel_warehouse import KWConvNd  # noqa: E402
 from modules.kernel_warehouse.functional import IMPLEMENTATIONS, use_implementation  # noqa: E402
@@ -98,7 +98,7 @@ def build_variants(args, device: torch.device) -> List[Variant]:
     variants = []
     for name in args.models:
         torch.manual_seed(0)
-        model = in_memory_format(timm.create_model(name, num_classes=args.num_classes).to(device),
+        model = in_memory_format(models.create_model(name, num_classes=args.num_classes).to(device),
                                  args.channels_last)
         if hasattr(model, 'net_update_temperature'):
             model.net_update_temperature(args.temperature)

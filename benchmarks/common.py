@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run from anywhere without installing
 
+import models  # noqa: E402
 from utils import keep_freed_memory, memory_format, to_channels_last  # noqa: E402
 
 # Autocast dtypes by name; 'fp32' runs without autocast.
@@ -43,12 +43,13 @@ def in_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Mo
 
 def build_for_training(name: str, args, device: torch.device
                        ) -> Tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
-    """Model ``name`` (registered with timm) in train mode, SGD with momentum, and one random batch
-    ``(x, y)`` of ``args.batch_size`` images of ``args.img_size`` px, model and images in the layout
-    of ``args.channels_last``. The optimizer updates all parameters by one multi-tensor operator on
-    every device (the CPU's default is one per parameter, CUDA's is this)."""
+    """Model ``name`` (``models.create_model``: released names are the release's models) in train mode,
+    SGD with momentum, and one random batch ``(x, y)`` of ``args.batch_size`` images of
+    ``args.img_size`` px, model and images in the layout of ``args.channels_last``. The optimizer
+    updates all parameters by one multi-tensor operator on every device (the CPU's default is one
+    per parameter, CUDA's is this)."""
     torch.manual_seed(0)
-    model = in_memory_format(timm.create_model(name).to(device), args.channels_last).train()
+    model = in_memory_format(models.create_model(name).to(device), args.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
         memory_format=memory_format(args.channels_last))

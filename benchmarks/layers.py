@@ -22,7 +22,7 @@ import torch
 from common import (DTYPES, add_cpu_options, describe_device, in_memory_format, memory_format, name_list,
                     setup_device, time_per_call)
 
-import models  # noqa: E402,F401  (registers the models with timm)
+import models  # noqa: E402  (registers the models with timm; sys.path set above)
 from modules.kernel_warehouse import KWConvNd  # noqa: E402
 from modules.kernel_warehouse.functional import (FAST_PATHS, choose_implementation, supports_gemm,  # noqa: E402
                                                  use_implementation)
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
     torch.manual_seed(0)
-    model = in_memory_format(timm.create_model(args.model).to(device), args.channels_last).train()
+    model = in_memory_format(models.create_model(args.model).to(device), args.channels_last).train()
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
         memory_format=memory_format(args.channels_last))
     with autocast_for(args.dtype, device):  # each layer gets the dtype it sees in the model

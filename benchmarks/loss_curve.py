@@ -22,7 +22,7 @@ from torchvision import transforms
 from common import (DTYPES, add_cpu_options, describe_device, in_memory_format, memory_format, name_list,
                     setup_device)
 
-import models  # noqa: E402,F401  (registers the models with timm)
+import models  # noqa: E402  (registers the models with timm; sys.path set above)
 from datasets import Digits  # noqa: E402
 from engine import get_temperature  # noqa: E402
 from modules.kernel_warehouse.functional import IMPLEMENTATIONS, use_implementation  # noqa: E402
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
     torch.manual_seed(0)
-    start = timm.create_model(args.model, num_classes=Digits.num_classes, drop_path_rate=0., dropout=0.).to(device)
+    start = models.create_model(args.model, num_classes=Digits.num_classes, drop_path_rate=0., dropout=0.).to(device)
     start = in_memory_format(start, args.channels_last)
     data = batches(args, device)
     curves: Dict[str, List[float]] = {}

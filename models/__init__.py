@@ -1,33 +1,44 @@
 """Model zoo: importing this package registers every model with timm's registry.
 
-Our names ``resnet18``, ``resnet50``, ``mobilenetv2_100``, ``mobilenetv2_050`` and ``convnext_tiny``
-deliberately replace timm's own models of those names (the released configs use them), so
-``timm.create_model('resnet18')`` builds ours after ``import models``.
+timm's own names are left alone: the release's plain baselines, which its configs call
+``resnet18``, ``resnet50``, ``mobilenetv2_100``, ``mobilenetv2_050`` and ``convnext_tiny`` as timm
+does, are registered as ``plain_<name>``. ``create_model`` and ``create_model_from_config`` (and so
+``main.py``) read the configs' names as the release's models (``RELEASED_NAMES``).
 """
-import warnings
-from collections import defaultdict
-from typing import Any, Mapping, Set
+from typing import Any, Mapping
 
 import timm
 from timm.models import register_model
 from torch import nn
 
-from modules.kernel_warehouse import KWConvNd
-
 from . import convnext, deit, mobilenetv2, resnet
 from ._builder import KW_ARGS
+from ._checkpoint import checkpoint_filter_fn, classifier_state_keys
 from .convnext import ConvNeXt
 from .mobilenetv2 import MobileNetV2
 from .resnet import ResNet
 
-MODEL_NAMES = tuple(fn.__name__ for module in (resnet, mobilenetv2, convnext, deit) for fn in module.ENTRYPOINTS)
+REGISTERED_NAMES = tuple(fn.__name__ for module in (resnet, mobilenetv2, convnext, deit) for fn in module.ENTRYPOINTS)
+# A released config's model name -> the name we register it under
+RELEASED_NAMES = {name.replace('plain_', '', 1): name for name in REGISTERED_NAMES if name.startswith('plain_')}
+# Every name main.py and the configs accept, family by family
+MODEL_NAMES = tuple(name.replace('plain_', '', 1) for name in REGISTERED_NAMES)
 
-with warnings.catch_warnings():
-    # timm warns when a name it already has is registered again; that replacement is intended.
-    warnings.filterwarnings('ignore', message=r'Overwriting .* in registry', category=UserWarning)
-    for _module in (resnet, mobilenetv2, convnext, deit):
-        for _entrypoint in _module.ENTRYPOINTS:
+for _module in (resnet, mobilenetv2, convnext, deit):
+    for _entrypoint in _module.ENTRYPOINTS:
+        if _entrypoint.__name__ not in timm.list_models(_entrypoint.__name__):
             register_model(_entrypoint)
+
+
+def resolve_model_name(name: str) -> str:
+    """The registered name of a model as the configs call it (``resnet18`` -> ``plain_resnet18``)."""
+    return RELEASED_NAMES.get(name, name)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` that reads a released config's model name as the release's model."""
+    return timm.create_model(resolve_model_name(name), **kwargs)
+
 
 # main.py's defaults for the regularisers a config may leave out. The original's main.py passes its
 # defaults to every model, so a released config without "dropout" trains with classifier dropout 0
@@ -53,21 +64,9 @@ def create_model_from_config(config: Mapping[str, Any], **overrides) -> nn.Modul
     config = {**CONFIG_DEFAULTS, **config}
     kwargs = {arg: config[option] for option, arg in CONFIG_TO_MODEL_ARGS.items() if option in config}
     kwargs.update(overrides)
-    return timm.create_model(config['model'], **kwargs)
+    return create_model(config['model'], **kwargs)
 
 
-def classifier_state_keys(model: nn.Module) -> Set[str]:
-    """State-dict keys that belong to the classifier: its own keys and, for a KW classifier, the
-    warehouses only it uses (both change with the number of classes)."""
-    classifier = model.get_classifier()
-    prefix = next(name for name, module in model.named_modules() if module is classifier)
-    keys = {k for k in model.state_dict() if k.startswith(f'{prefix}.')}
-    users = defaultdict(set)
-    for name, module in model.named_modules():
-        if isinstance(module, KWConvNd):
-            users[module.warehouse_id].add(name.startswith(f'{prefix}.'))
-    keys.update(f'warehouse_manager.weights.{idx}' for idx, in_classifier in users.items() if in_classifier == {True})
-    return keys
-
-
-__all__ = ['CONFIG_DEFAULTS', 'CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'classifier_state_keys', 'ConvNeXt', 'MobileNetV2', 'ResNet', 'create_model_from_config']
+__all__ = ['CONFIG_DEFAULTS', 'CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'REGISTERED_NAMES', 'RELEASED_NAMES', 'ConvNeXt',
+           'MobileNetV2', 'ResNet', 'checkpoint_filter_fn', 'classifier_state_keys', 'create_model',
+           'create_model_from_config', 'resolve_model_name']

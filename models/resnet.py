@@ -9,9 +9,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
 
 import torch
 from timm.layers import DropPath
+from timm.models import generate_default_cfgs
 from torch import nn
 
-from ._builder import TemperatureMixin, build, finish_kw, make_layer_factory
+from ._builder import ConvNetContract, build, finish_kw, make_global_pool, make_layer_factory, pretrained_cfg
 
 
 def _conv(make_layer: Callable[..., nn.Module], in_planes: int, out_planes: int, kernel_size: int,
@@ -93,36 +94,42 @@ def block_warehouse_names(block: Block, stage: int, index: int, prev_stage_depth
     return names, downsample
 
 
-class ResNet(TemperatureMixin, nn.Module):
+class ResNet(ConvNetContract, nn.Module):
     """ResNet with optional KernelWarehouse convs.
 
     Args:
         block: ``BasicBlock`` or ``Bottleneck``.
         layers: blocks per stage.
-        num_classes: classifier outputs.
+        num_classes: classifier outputs (0: none, the model returns pooled features).
+        in_chans: input channels.
         dropout: dropout before ``fc``.
         drop_path_rate: stochastic depth of every residual block (uniform over depth, as in the
             original release; KW-SPEC section 8).
+        global_pool: timm's pooling type ('' keeps the feature map).
         kw: ``WarehouseManager`` settings, or ``None`` for a plain ResNet.
     """
 
-    def __init__(self, block: Block, layers: Sequence[int], num_classes: int = 1000, dropout: float = 0.,
-                 drop_path_rate: float = 0., kw: Optional[Dict[str, Any]] = None):
+    def __init__(self, block: Block, layers: Sequence[int], num_classes: int = 1000, in_chans: int = 3,
+                 dropout: float = 0., drop_path_rate: float = 0., global_pool: str = 'avg',
+                 kw: Optional[Dict[str, Any]] = None):
         super().__init__()
         make_layer = make_layer_factory(self, kw)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=self.inplanes, reduction=2, module='relu')]
         for stage, depth in enumerate(layers):
             self.add_module(f'layer{stage + 1}', self._make_stage(
                 block, 64 * 2 ** stage, depth, stage, layers[stage - 1] if stage else 0, drop_path_rate, make_layer))
-        self.num_features = 512 * block.expansion
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.feature_info.append(dict(num_chs=self.inplanes, reduction=4 * 2 ** stage, module=f'layer{stage + 1}'))
+        self.num_features = self.head_hidden_size = 512 * block.expansion
+        self.global_pool = make_global_pool(global_pool)
         self.dropout = nn.Dropout(p=dropout)
-        self.fc = nn.Linear(self.num_features, num_classes)
+        self.fc = self._classifier(num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -148,39 +155,71 @@ class ResNet(TemperatureMixin, nn.Module):
             self.inplanes = planes * block.expansion
         return nn.Sequential(*blocks)
 
+    def _classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups in depth order; the warehouses fall in the last group, with ``fc``."""
+        return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = make_global_pool(global_pool)
+        self.fc = self._like_model(self._classifier(num_classes))
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+    def _prune_levels_after(self, index: int) -> None:
+        if index == 0:
+            self.maxpool = nn.Identity()
+        for stage in range(index + 1, 5):
+            setattr(self, f'layer{stage}', nn.Sequential())
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def _levels(self) -> List[nn.Module]:
+        return [nn.Sequential(self.maxpool, self.layer1), self.layer2, self.layer3, self.layer4]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.dropout(self.global_pool(x))
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
 _KW_RESNET_DEFAULTS = dict(sharing_range=('layer', 'conv'))
+# The original release published checkpoints of the KW models, not of its plain baselines.
+default_cfgs = generate_default_cfgs({
+    f'{name}.in1k': pretrained_cfg('fc', 'conv1', released=name.startswith('kw'))
+    for name in ('plain_resnet18', 'plain_resnet50', 'kw_resnet18', 'kw_resnet50')})
 
 
-def resnet18(pretrained: bool = False, **kwargs) -> ResNet:
-    return build(ResNet, 'resnet18', pretrained, kwargs, block=BasicBlock, layers=(2, 2, 2, 2))
+def _resnet(name: str, pretrained: bool, kwargs: Dict[str, Any], kw_defaults: Optional[Dict[str, Any]],
+            block: Block, layers: Sequence[int]) -> ResNet:
+    return build(ResNet, name, pretrained, kwargs, kw_defaults, block=block, layers=layers)
 
 
-def resnet50(pretrained: bool = False, **kwargs) -> ResNet:
-    return build(ResNet, 'resnet50', pretrained, kwargs, block=Bottleneck, layers=(3, 4, 6, 3))
+def plain_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
+    """The release's plain ResNet18 (released configs call it ``resnet18``)."""
+    return _resnet('plain_resnet18', pretrained, kwargs, None, BasicBlock, (2, 2, 2, 2))
+
+
+def plain_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    """The release's plain ResNet50 (released configs call it ``resnet50``)."""
+    return _resnet('plain_resnet50', pretrained, kwargs, None, Bottleneck, (3, 4, 6, 3))
 
 
 def kw_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
-    return build(ResNet, 'kw_resnet18', pretrained, kwargs, _KW_RESNET_DEFAULTS, block=BasicBlock,
-                 layers=(2, 2, 2, 2))
+    return _resnet('kw_resnet18', pretrained, kwargs, _KW_RESNET_DEFAULTS, BasicBlock, (2, 2, 2, 2))
 
 
 def kw_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
-    return build(ResNet, 'kw_resnet50', pretrained, kwargs, _KW_RESNET_DEFAULTS, block=Bottleneck,
-                 layers=(3, 4, 6, 3))
+    return _resnet('kw_resnet50', pretrained, kwargs, _KW_RESNET_DEFAULTS, Bottleneck, (3, 4, 6, 3))
 
 
-ENTRYPOINTS = (resnet18, resnet50, kw_resnet18, kw_resnet50)
+ENTRYPOINTS = (plain_resnet18, plain_resnet50, kw_resnet18, kw_resnet50)

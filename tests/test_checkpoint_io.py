@@ -4,7 +4,6 @@ import os
 import pickle
 
 import pytest
-import timm
 import torch
 
 import models  # noqa: F401  (registers the models)
@@ -20,7 +19,7 @@ class _WritesMarker:
 
 
 def test_original_release_layouts_load(tmp_path):
-    model = timm.create_model('kw_resnet18', num_classes=4)
+    model = models.create_model('kw_resnet18', num_classes=4)
     state = model.state_dict()
     layouts = {
         'ours.pth': {'model': state, 'epoch': 3, 'args': argparse.Namespace(model='kw_resnet18', lr=4e-3)},
@@ -33,7 +32,7 @@ def test_original_release_layouts_load(tmp_path):
         torch.save(content, tmp_path / name)
         loaded = extract_state_dict(load_checkpoint_file(tmp_path / name))
         assert list(loaded) == list(state), name
-        load_model_weights(timm.create_model('kw_resnet18', num_classes=4), loaded, source=name)
+        load_model_weights(models.create_model('kw_resnet18', num_classes=4), loaded, source=name)
 
 
 def test_code_running_pickle_is_refused(tmp_path):
@@ -47,7 +46,7 @@ def test_code_running_pickle_is_refused(tmp_path):
 
 def test_truncated_and_missing_files(tmp_path):
     path = tmp_path / 'checkpoint.pth'
-    torch.save({'model': timm.create_model('resnet18', num_classes=2).state_dict()}, path)
+    torch.save({'model': models.create_model('resnet18', num_classes=2).state_dict()}, path)
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match='truncated or corrupt'):
         load_checkpoint_file(path)
@@ -62,12 +61,12 @@ def test_truncated_and_missing_files(tmp_path):
 
 
 def test_checkpoint_of_another_model_names_keys():
-    state = timm.create_model('kw_resnet18', num_classes=4, cell_num_ratio=2).state_dict()
+    state = models.create_model('kw_resnet18', num_classes=4, cell_num_ratio=2).state_dict()
     with pytest.raises(CheckpointError, match=r'42 wrong shape \(checkpoint vs model\): warehouse_manager.weights.0 '
                                               r'\(112, 64, 64, 1, 1\) vs \(56, 64, 64, 1, 1\)'):
-        load_model_weights(timm.create_model('kw_resnet18', num_classes=4), state)
+        load_model_weights(models.create_model('kw_resnet18', num_classes=4), state)
     with pytest.raises(CheckpointError, match=r'missing: .*; \d+ unexpected: '):
-        load_model_weights(timm.create_model('resnet18', num_classes=4), state)
+        load_model_weights(models.create_model('resnet18', num_classes=4), state)
 
 
 def test_numpy_scalars_of_original_optimizer_states_load(tmp_path):

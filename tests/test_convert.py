@@ -53,7 +53,7 @@ def test_converted_resnet_is_the_released_kw_resnet(manifest_name, depths, num_c
     plain_name = config['model'].replace('kw_', '')
     settings = {k: config[k] for k in KW_SETTINGS if k in config}
     torch.manual_seed(0)
-    model = convert(timm.create_model(plain_name, num_classes=manifest['num_classes']),
+    model = convert(models.create_model(plain_name, num_classes=manifest['num_classes']),
                     resnet_rule(depths, num_convs, kw_first), **settings)
 
     assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == manifest['state_dict']
@@ -109,7 +109,7 @@ TIMM_CASES = {
 def test_timm_models_convert_and_train(name):
     case = TIMM_CASES[name]
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=5, **case.get('create', {}))
+    model = models.create_model(name, pretrained=False, num_classes=5, **case.get('create', {}))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     selection = {k: v for k, v in case['kwargs'].items() if k in ('include', 'exclude', 'types', 'depthwise', 'stem',
                                                                    'classifier')}
@@ -247,7 +247,7 @@ def test_cells_that_do_not_tile_name_the_layer():
     (ToyNet, [(r'(', 'x')], {}, 'not a valid regular expression'),
     (ToyNet, every_layer, dict(types=(nn.MaxPool2d,)), 'types must be subclasses'),
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)), every_layer, {}, 'wrap the model'),
-    (lambda: timm.create_model('kw_resnet18'), every_layer, {}, 'already has a warehouse_manager'),
+    (lambda: models.create_model('kw_resnet18'), every_layer, {}, 'already has a warehouse_manager'),
 ])
 def test_user_mistakes_are_clear(make, rule, options, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +23,7 @@ def _block_linears(model):
 @pytest.mark.parametrize('name, timm_name', [('deit_tiny', 'deit_tiny_patch16_224'),
                                              ('deit_small', 'deit_small_patch16_224')])
 def test_plain_deit_is_timms_deit(name, timm_name):
-    ours, theirs = timm.create_model(name, num_classes=10), timm.create_model(timm_name, num_classes=10)
+    ours, theirs = models.create_model(name, num_classes=10), models.create_model(timm_name, num_classes=10)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)  # float64: no tolerance for kernel choice to fill
@@ -33,8 +32,8 @@ def test_plain_deit_is_timms_deit(name, timm_name):
 
 
 def test_kw_deit_layers_and_warehouses():
-    plain = timm.create_model('deit_tiny', num_classes=10, **SMALL_INPUT)
-    model = timm.create_model('kw_deit_tiny', num_classes=10, **SMALL_INPUT)
+    plain = models.create_model('deit_tiny', num_classes=10, **SMALL_INPUT)
+    model = models.create_model('kw_deit_tiny', num_classes=10, **SMALL_INPUT)
     linears = _block_linears(plain)
     kw = {name: m for name, m in model.named_modules() if isinstance(m, KWLinear)}
     assert sorted(kw) == sorted(linears) and len(kw) == 4 * 12
@@ -55,8 +54,8 @@ def test_kw_deit_layers_and_warehouses():
 
 @pytest.mark.parametrize('cell_num_ratio', [1, 4])
 def test_warehouses_hold_cell_num_ratio_times_the_block_kernels(cell_num_ratio):
-    plain = timm.create_model('deit_tiny', num_classes=10, **SMALL_INPUT)
-    model = timm.create_model('kw_deit_tiny', num_classes=10, cell_num_ratio=cell_num_ratio, **SMALL_INPUT)
+    plain = models.create_model('deit_tiny', num_classes=10, **SMALL_INPUT)
+    model = models.create_model('kw_deit_tiny', num_classes=10, cell_num_ratio=cell_num_ratio, **SMALL_INPUT)
     kernels = sum(m.weight.numel() for m in _block_linears(plain).values())
     assert sum(w.numel() for w in model.warehouse_manager.weights) == cell_num_ratio * kernels
 
@@ -64,15 +63,15 @@ def test_warehouses_hold_cell_num_ratio_times_the_block_kernels(cell_num_ratio):
 @pytest.mark.parametrize('depths, sharing_range, num_warehouses', [((6, 6), 'layer', 8), ((4, 4, 4), 'layer', 12),
                                                                     ((3, 3, 3, 3), 'layer_fc', 12)])
 def test_stage_grouping_is_an_argument(depths, sharing_range, num_warehouses):
-    model = timm.create_model('kw_deit_tiny', kw_stage_depths=depths, sharing_range=sharing_range, **SMALL_INPUT)
+    model = models.create_model('kw_deit_tiny', kw_stage_depths=depths, sharing_range=sharing_range, **SMALL_INPUT)
     assert len(model.warehouse_manager.weights) == num_warehouses
 
 
 def test_bad_grouping_is_clear():
     with pytest.raises(ValueError, match=r'kw_stage_depths \(3, 3, 3\) must add up to the 12 blocks'):
-        timm.create_model('kw_deit_tiny', kw_stage_depths=(3, 3, 3))
+        models.create_model('kw_deit_tiny', kw_stage_depths=(3, 3, 3))
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['img_szie'\]"):
-        timm.create_model('deit_tiny', img_szie=32)
+        models.create_model('deit_tiny', img_szie=32)
 
 
 @pytest.mark.parametrize('name', ['deit_tiny', 'kw_deit_tiny'])
@@ -80,7 +79,7 @@ def test_trains_a_few_steps_on_cpu(name):
     """32 px, patch 4, a fixed synthetic batch of 4 classes, AdamW: the loss falls. The temperature
     follows KW-SPEC section 3 for the first epoch of a run with ``steps`` iterations per epoch."""
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=4, **SMALL_INPUT).train()
+    model = models.create_model(name, num_classes=4, **SMALL_INPUT).train()
     labels = torch.arange(8) % 4
     images = torch.randn(8, 3, 32, 32) + labels.view(-1, 1, 1, 1).float()  # class-dependent brightness
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -97,10 +96,10 @@ def test_trains_a_few_steps_on_cpu(name):
 
 def test_kw_deit_state_dict_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = timm.create_model('kw_deit_tiny', num_classes=5, **SMALL_INPUT).eval()
+    model = models.create_model('kw_deit_tiny', num_classes=5, **SMALL_INPUT).eval()
     torch.save(model.state_dict(), tmp_path / 'ckpt.pth')
     torch.manual_seed(1)
-    restored = timm.create_model('kw_deit_tiny', num_classes=5, **SMALL_INPUT).eval()
+    restored = models.create_model('kw_deit_tiny', num_classes=5, **SMALL_INPUT).eval()
     restored.load_state_dict(torch.load(tmp_path / 'ckpt.pth', weights_only=True), strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -17,7 +17,6 @@ import torch
 
 pytest.importorskip('mmdet', reason='the detection stack is not installed; run "bash detection/install.sh"')
 
-import timm  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmdet.datasets import CocoDataset  # noqa: E402
@@ -182,7 +181,7 @@ def test_multi_scale_features_are_the_classification_models(tmp_path, family, ar
                                                             kw):
     """Outputs at strides 4-32 with the family's channels; the deepest is the classification model's
     ``forward_features`` (through the output LayerNorm for ConvNeXt) once its checkpoint is loaded."""
-    classifier = timm.create_model(f'kw_{model_name}' if kw else model_name).eval()
+    classifier = models.create_model(f'kw_{model_name}' if kw else model_name).eval()
     checkpoint = _save_classification_checkpoint(classifier, tmp_path / 'imagenet.pth')
     backbone = _backbone(type=f'{"KW" if kw else "Plain"}_{family}', **args,
                          init_cfg=dict(type='Pretrained', checkpoint=str(checkpoint)))
@@ -200,7 +199,7 @@ def test_multi_scale_features_are_the_classification_models(tmp_path, family, ar
 
 
 def test_kw_resnet50_loads_our_classification_checkpoint(tmp_path):
-    classifier = timm.create_model('kw_resnet50', num_classes=10)
+    classifier = models.create_model('kw_resnet50', num_classes=10)
     checkpoint = _save_classification_checkpoint(classifier, tmp_path / 'kw1x_resnet50.pth')
     backbone = _backbone(type='KW_ResNet', depth=50, init_cfg=dict(type='Pretrained', checkpoint=str(checkpoint)))
     backbone.init_weights()
@@ -213,7 +212,7 @@ def test_kw_resnet50_loads_our_classification_checkpoint(tmp_path):
 
 @pytest.mark.parametrize('layout', ['state_dict', 'bare'])
 def test_original_release_layouts_load(tmp_path, layout):
-    classifier = timm.create_model('kw_resnet18')
+    classifier = models.create_model('kw_resnet18')
     state = classifier.state_dict()
     torch.save({'state_dict': state} if layout == 'state_dict' else state, tmp_path / 'release.pth')
     backbone = _backbone(type='KW_ResNet', depth=18,
@@ -223,12 +222,12 @@ def test_original_release_layouts_load(tmp_path, layout):
 
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
-    other = timm.create_model('kw_resnet50', cell_num_ratio=2)
+    other = models.create_model('kw_resnet50', cell_num_ratio=2)
     checkpoint = _save_classification_checkpoint(other, tmp_path / 'kw2x_resnet50.pth')
     backbone = _backbone(type='KW_ResNet', depth=50, init_cfg=dict(type='Pretrained', checkpoint=str(checkpoint)))
     with pytest.raises(CheckpointError, match=r'wrong shape \(checkpoint vs model\): warehouse_manager\.weights\.0 '):
         backbone.init_weights()
-    plain = _save_classification_checkpoint(timm.create_model('resnet18'), tmp_path / 'resnet18.pth')
+    plain = _save_classification_checkpoint(models.create_model('resnet18'), tmp_path / 'resnet18.pth')
     backbone = _backbone(type='KW_ResNet', depth=18, init_cfg=dict(type='Pretrained', checkpoint=str(plain)))
     with pytest.raises(CheckpointError, match=r'resnet18\.pth does not fit this model \(\d+ missing: warehouse_manager\.weights\.0, .*'
                                               r'unexpected: layer1\.0\.conv1\.weight'):
@@ -325,7 +324,7 @@ def test_train_then_test_on_a_tiny_coco(tmp_path):
     """Two iterations of detection/train.py with COCO bbox/segm evaluation, then detection/test.py
     on the checkpoint it wrote."""
     _make_coco(tmp_path / 'coco')
-    imagenet = _save_classification_checkpoint(timm.create_model('kw_mobilenetv2_100'), tmp_path / 'imagenet.pth')
+    imagenet = _save_classification_checkpoint(models.create_model('kw_mobilenetv2_100'), tmp_path / 'imagenet.pth')
     model = dict(backbone=dict(init_cfg=dict(checkpoint=str(imagenet))), **copy.deepcopy(LIGHT_ROI_SETTINGS))
     model['test_cfg']['rcnn']['score_thr'] = 0.0  # an untrained model's boxes still reach the metric
     config = tmp_path / 'tiny.py'
@@ -397,7 +396,7 @@ def test_safe_loading_reads_mmengine_logs_and_nothing_more(tmp_path):
         buffer.update(value)
     path = tmp_path / 'checkpoint.pth'
     torch.save({'log_scalars': {'loss': buffer}, 'eta': np.float64(3.0)}, path)
-    load_checkpoint_file(_save_classification_checkpoint(timm.create_model('resnet18'), tmp_path / 'r18.pth'))
+    load_checkpoint_file(_save_classification_checkpoint(models.create_model('resnet18'), tmp_path / 'r18.pth'))
     loaded = torch.load(path, weights_only=True)
     assert loaded['log_scalars']['loss'].mean() == pytest.approx((1.5 + 2 + 3) / 3) and loaded['eta'] == 3.0
     for owner, name in ((HistoryBuffer, 'update'), (np.ndarray, 'tofile')):

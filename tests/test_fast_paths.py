@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from functorch.compile import make_boxed_func
 from torch import nn
@@ -349,7 +348,7 @@ def test_gemm_reads_cells_changed_between_passes(change):
 def test_sharing_registers_no_module_hooks():
     """The layers share without hooks on the model: ``torch.cuda.make_graphed_callables`` (``main.py
     --cuda_graph true``) refuses modules with hooks."""
-    model = timm.create_model('kw_resnet18', num_classes=10)
+    model = models.create_model('kw_resnet18', num_classes=10)
     with use_implementation('gemm'):
         model(torch.randn(2, 3, 32, 32))
     assert model.warehouse_manager._pass_memo.values  # it did share

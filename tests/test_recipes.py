@@ -81,11 +81,10 @@ def test_released_config_builds_the_originals_regularisers(name):
 
 
 def test_models_built_directly_keep_their_own_classifier_dropout():
-    """Only main.py and the configs pass dropout 0: built by timm, the models keep the original classes'
+    """Only main.py and the configs pass dropout 0: built directly, the models keep the original classes'
     defaults (KW-SPEC section 8)."""
-    import timm
-    assert timm.create_model('mobilenetv2_100').classifier[0].p == 0.2
-    assert timm.create_model('kw1d2x_mobilenetv2_050').classifier[0].p == 0.1
+    assert models.create_model('mobilenetv2_100').classifier[0].p == 0.2
+    assert models.create_model('kw1d2x_mobilenetv2_050').classifier[0].p == 0.1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Multi-scale mmdetection backbones made from the classification models of ``models/``.
 
-A backbone builds the classification model with ``timm.create_model`` and takes over its
+A backbone builds the classification model with ``models.create_model`` and takes over its
 submodules except the classifier head, so its parameter names are the classification
 checkpoint's keys (``layer1.0.conv1.attention.fc1.weight``, ``warehouse_manager.weights.0``, ...)
 and ImageNet checkpoints of ours or of the original release load with every backbone key matched.
@@ -22,7 +22,6 @@ The KW temperature is 0 throughout (KW-SPEC section 3: detection fine-tuning use
 """
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-import timm
 import torch
 from mmdet.registry import MODELS
 from mmengine.logging import print_log
@@ -31,7 +30,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import models  # noqa: F401  (registers our models with timm)
+import models
 from models._builder import KW_ARGS
 from models.mobilenetv2 import INVERTED_RESIDUAL_SETTING
 from modules.kernel_warehouse import KWConvNd, set_temperature
@@ -47,7 +46,7 @@ class ClassifierBackbone(BaseModule):
     its :meth:`units`; it may transform each output in :meth:`output`.
 
     Args:
-        model_name: name in timm's registry (``kw_resnet50``, ``mobilenetv2_100``, ...).
+        model_name: a model name as the configs give it (``kw_resnet50``, ``mobilenetv2_100``, ...).
         out_indices: units (counted after the stem) whose outputs are returned.
         frozen_stages: see the module docstring; -1 freezes nothing.
         norm_eval: keep every BatchNorm (those of the KW attentions included) in eval mode while
@@ -74,7 +73,7 @@ class ClassifierBackbone(BaseModule):
         if kw_settings and not model_name.startswith('kw_'):
             raise UserError(f'{name} builds the plain {model_name}, which takes no KW settings '
                             f'({sorted(kw_settings)}); use the KW_ backbone or remove them.')
-        model = timm.create_model(model_name, drop_path_rate=drop_path_rate, **kw_settings)
+        model = models.create_model(model_name, drop_path_rate=drop_path_rate, **kw_settings)
         for child_name, child in model.named_children():
             if child_name not in self.head_modules:
                 self.add_module(child_name, child)
@@ -176,7 +175,7 @@ def _pretrained_checkpoint(backbone: str, init_cfg: Optional[Dict[str, Any]]) ->
 
 class ResNetBackbone(ClassifierBackbone):
     """ResNet-18/50: the stem, then ``layer1``-``layer4`` (ResNet50: 256/512/1024/2048 channels)."""
-    head_modules = ('avgpool', 'dropout', 'fc')
+    head_modules = ('global_pool', 'dropout', 'fc')
     kw = False
 
     def __init__(self, depth: int = 50, out_indices: Sequence[int] = (0, 1, 2, 3), **kwargs):
@@ -192,7 +191,7 @@ class MobileNetV2Backbone(ClassifierBackbone):
     """MobileNetV2 (width 1.0 or 0.5) counted as mmdetection's MobileNetV2: the stem, seven rows of
     inverted residual blocks and the final 1x1 conv. The default ``out_indices`` (1, 2, 4, 7) are
     ``features`` 3, 6, 13 and 18 (24/32/96/1280 channels at width 1.0)."""
-    head_modules = ('head_drop', 'classifier')
+    head_modules = ('global_pool', 'head_drop', 'classifier')
     kw = False
 
     def __init__(self, widen_factor: float = 1.0, out_indices: Sequence[int] = (1, 2, 4, 7), **kwargs):
@@ -214,7 +213,7 @@ class ConvNeXtBackbone(ClassifierBackbone):
     """ConvNeXt-T: four units (a downsampling layer and its stage), each output normalised by its
     own LayerNorm ``norm{i}`` (96/192/384/768 channels). No separate stem: ``frozen_stages=k``
     freezes the first ``k`` units, as in mmpretrain's ConvNeXt."""
-    head_modules = ('norm', 'head_drop', 'head')
+    head_modules = ('global_pool', 'norm', 'head_drop', 'head')
     has_stem = False
     kw = False
 

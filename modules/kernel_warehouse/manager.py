@@ -227,15 +227,19 @@ class WarehouseManager(nn.Module):
             raise RuntimeError('store() was already called.')
         self._broadcast_settings()
         for idx, (name, layers) in enumerate(self.warehouse_list.items()):
-            cell_out, cell_in, *cell_kernel = self._cell_shape(idx, name, layers)
-            num_mixtures = 0
-            for out_planes, in_planes, *kernel in layers:
-                # Evaluated left to right as in the released code (it fixes the warehouse size).
-                groups_channel = int(out_planes // cell_out * in_planes // cell_in)
-                groups_spatial = math.prod(k // ck for k, ck in zip(kernel, cell_kernel))
-                num_mixtures += groups_channel * groups_spatial
-            num_cells = max(int(num_mixtures * self.cell_num_ratio[idx]), 1)
-            self.weights.append(nn.Parameter(torch.randn(num_cells, cell_out, cell_in, *cell_kernel)))
+            self.weights.append(self._new_cells(idx, name, layers))
+
+    def _new_cells(self, idx: int, name: str, layers: List[List[int]]) -> nn.Parameter:
+        """Warehouse ``idx``'s parameter, sized for its ``layers`` (uninitialised values)."""
+        cell_out, cell_in, *cell_kernel = self._cell_shape(idx, name, layers)
+        num_mixtures = 0
+        for out_planes, in_planes, *kernel in layers:
+            # Evaluated left to right as in the released code (it fixes the warehouse size).
+            groups_channel = int(out_planes // cell_out * in_planes // cell_in)
+            groups_spatial = math.prod(k // ck for k, ck in zip(kernel, cell_kernel))
+            num_mixtures += groups_channel * groups_spatial
+        num_cells = max(int(num_mixtures * self.cell_num_ratio[idx]), 1)
+        return nn.Parameter(torch.randn(num_cells, cell_out, cell_in, *cell_kernel))
 
     def allocate(self, network: nn.Module,
                  init_weights: Callable = partial(nn.init.kaiming_normal_, mode='fan_out', nonlinearity='relu')):
@@ -246,21 +250,66 @@ class WarehouseManager(nn.Module):
         for path, layer in network.named_modules():
             if not isinstance(layer, KWConvNd) or layer.warehouse_manager is not self:
                 continue
-            idx = layer.warehouse_id
-            cells = self.weights[idx]
-            start = end_idxs[idx]
-            try:
-                end = layer.init_attention(cells, start, self.reduction[idx], self.cell_num_ratio[idx],
-                                           self.norm_layer, self.nonlocal_basis_ratio)
-            except CellOverflowError:
-                raise ValueError(self._cell_count_message(idx, 'more', f' (layer {path!r} overflows it)')) from None
-            if start < end:
-                with torch.no_grad():
-                    init_weights(cells[start:end].view(-1, *cells.shape[2:]))
-            end_idxs[idx] = end
+            end_idxs[layer.warehouse_id] = self._allocate_layer(layer, end_idxs[layer.warehouse_id], path, init_weights)
         for idx, end in enumerate(end_idxs):
             if end != self.weights[idx].shape[0]:
                 raise ValueError(self._cell_count_message(idx, str(end)))
+
+    def _allocate_layer(self, layer: KWConvNd, start: int, path: str, init_weights: Callable) -> int:
+        """Give ``layer`` its attention over its warehouse from cell ``start`` on, initialise the cells it
+        claims, and return its end cell index."""
+        idx = layer.warehouse_id
+        cells = self.weights[idx]
+        try:
+            end = layer.init_attention(cells, start, self.reduction[idx], self.cell_num_ratio[idx],
+                                       self.norm_layer, self.nonlocal_basis_ratio)
+        except CellOverflowError:
+            raise ValueError(self._cell_count_message(idx, 'more', f' (layer {path!r} overflows it)')) from None
+        if start < end:
+            with torch.no_grad():
+                init_weights(cells[start:end].view(-1, *cells.shape[2:]))
+        return end
+
+    def replace_layer(self, layer: Union[KWConvNd, KWLinear], out_planes: int,
+                      init_weights: Callable = partial(nn.init.kaiming_normal_, mode='fan_out',
+                                                       nonlinearity='relu')) -> nn.Module:
+        """A layer like ``layer`` with ``out_planes`` outputs, to put in its place (e.g. a KW classifier
+        for another number of classes, timm's ``reset_classifier``).
+
+        ``layer`` must be alone in its warehouse, which is rebuilt for the new layer: new cells and a
+        new attention, initialised as at allocation, on ``layer``'s device and dtype. With
+        ``out_planes`` 0 the warehouse goes and ``nn.Identity`` is returned; only the last warehouse
+        can go, as the other warehouses' indices are their state-dict keys.
+        """
+        conv = layer.conv if isinstance(layer, KWLinear) else layer
+        idx, name = conv.warehouse_id, self.warehouse_names[conv.warehouse_id]
+        if len(self.warehouse_list[name]) != 1:
+            raise ValueError(f'warehouse {name!r} serves {len(self.warehouse_list[name])} layers: only a layer '
+                             f'alone in its warehouse can be replaced.')
+        old_cells = self.weights[idx]
+        if out_planes == 0:
+            if idx != len(self.weights) - 1:
+                raise ValueError(f'warehouse {name!r} is not the last one: it cannot be removed without renumbering '
+                                 f'the others.')
+            del self.warehouse_list[name], self.layer_names[name]
+            self.weights = nn.ParameterList(list(self.weights)[:-1])
+            for setting in self.settings:
+                getattr(self, setting).pop()
+            return nn.Identity()
+        shape = [out_planes, conv.in_planes // conv.groups, *conv.kernel_size]
+        self.warehouse_list[name] = [shape]
+        bias = conv.bias is not None
+        if isinstance(layer, KWLinear):
+            new = KWLinear(conv.in_planes, out_planes, bias=bias, warehouse_id=idx, warehouse_manager=self)
+            new_conv = new.conv
+        else:
+            new = new_conv = type(conv)(conv.in_planes, out_planes, conv.kernel_size, conv.stride, conv.padding,
+                                        conv.dilation, conv.groups, bias, warehouse_id=idx, warehouse_manager=self)
+        self.weights[idx] = nn.Parameter(self._new_cells(idx, name, [shape]).detach().to(old_cells))
+        end = self._allocate_layer(new_conv, 0, name, init_weights)
+        if end != self.weights[idx].shape[0]:
+            raise ValueError(self._cell_count_message(idx, str(end)))
+        return new.to(old_cells)
 
     def per_pass(self, layer: KWConvNd, key: Hashable, build: Callable[[], Any]) -> Any:
         """``build()`` for ``layer``'s warehouse, made once per forward pass and ``key``: the layers of
@@ -280,6 +329,35 @@ class WarehouseManager(nn.Module):
         if key not in memo.values:
             memo.values[key] = build()
         return memo.values[key]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> 'WarehouseManager':
+        """``nn.Module._apply`` that hands ``fn`` every warehouse (and its gradient) as its 2-D view
+        ``[n, cell size]`` and views the result back: the warehouses keep their shapes and stay
+        contiguous under any memory format.
+
+        ``model.to(memory_format=torch.channels_last)`` asks every 4-D and 5-D tensor for that format:
+        torch refuses it for the 5-D warehouses of 2-D layers (the whole ``.to()`` failed), and would
+        store a 1-D layer's 4-D warehouse with ``cell_out`` innermost. Warehouses are no convolution
+        weights: each path assembles its kernels from them, and the reference and input-mixing paths
+        read them without a copy only when they are contiguous. Device, dtype and in-place
+        conversions (``.half()``, ``.cuda()``, ``share_memory()``, ...) apply as usual.
+
+        The values that :meth:`per_pass` kept of the last pass are dropped first: they belong to the
+        old warehouses, whose memory they would hold, and their views of the warehouses keep
+        ``torch.__future__.set_swap_module_params_on_conversion(True)`` from swapping them.
+        """
+        self._pass_memo.clear()
+
+        def as_matrix(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() < 2:
+                return fn(t)
+            matrix = t.flatten(1)  # a view of a contiguous t: no memory format applies to 2-D tensors
+            applied = fn(matrix)
+            if applied is matrix and t.is_contiguous():  # nothing converted: keep t itself, as torch does
+                return t
+            return applied.reshape(t.shape)
+
+        return super()._apply(as_matrix, recurse)
 
     def _cell_count_message(self, idx: int, claimed: str, where: str = '') -> str:
         return (f'warehouse {self.warehouse_names[idx]!r} has {self.weights[idx].shape[0]} cells but its layers '

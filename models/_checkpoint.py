@@ -1,0 +1,65 @@
+"""Checkpoints as timm's loader sees them: safe unpickling, and weights for another classifier.
+
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))`` opens ``path``
+with ``torch.load(weights_only=True)`` and takes the weights from ``state_dict_ema``, ``model_ema``,
+``state_dict`` or ``model`` (our checkpoints and the original release's keep them under ``model``,
+with ``model_ema`` where EMA was on, which timm then prefers, as for its own checkpoints).
+"""
+import argparse
+from typing import Dict
+
+import numpy as np
+import numpy._core.multiarray as np_multiarray
+import torch
+from torch import nn
+
+from modules.kernel_warehouse import KWConvNd
+
+# Plain types that our checkpoints and the original release's hold besides tensors and containers:
+# ``args`` is the run's argparse.Namespace; the original's optimizer states hold numpy scalars (its
+# schedules are numpy arrays), pickled under numpy 1's module name or numpy 2's.
+SAFE_CHECKPOINT_GLOBALS = [
+    argparse.Namespace, np.dtype, np_multiarray.scalar, (np_multiarray.scalar, 'numpy.core.multiarray.scalar'),
+    *(getattr(np.dtypes, f'{kind}DType') for kind in ('Bool', 'Float16', 'Float32', 'Float64', 'Int8', 'Int16',
+                                                      'Int32', 'Int64', 'UInt8', 'UInt16', 'UInt32', 'UInt64')),
+]
+
+# Registered for the whole process when the models are imported, so that timm's loader opens these
+# checkpoints too (not in a ``safe_globals`` block, which removes its entries on exit, including ones
+# that other code, e.g. the detection plugin, registered as well).
+torch.serialization.add_safe_globals(SAFE_CHECKPOINT_GLOBALS)
+
+
+def classifier_state_keys(model: nn.Module) -> set:
+    """State-dict keys that belong to the classifier: its own keys and, for a KW classifier, the
+    warehouses only it uses (both change with the number of classes). Empty without a classifier."""
+    classifier = model.get_classifier()
+    prefixes = [name for name, module in model.named_modules() if module is classifier and name]
+    if not prefixes or isinstance(classifier, nn.Identity):
+        return set()
+    prefix = prefixes[0]
+    keys = {k for k in model.state_dict() if k.startswith(f'{prefix}.')}
+    in_classifier: Dict[int, set] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, KWConvNd):
+            in_classifier.setdefault(module.warehouse_id, set()).add(name.startswith(f'{prefix}.'))
+    keys.update(f'warehouse_manager.weights.{idx}' for idx, users in in_classifier.items() if users == {True})
+    return keys
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn``: drop the classifier of a checkpoint made for another number
+    of classes. timm itself drops ``<classifier>.weight`` and ``.bias`` only, which misses the
+    attention and warehouse of a KW classifier; keys the model has not (``num_classes=0``) go too."""
+    own = model.state_dict()
+    classifier = classifier_state_keys(model)
+    mismatched = any(key in state_dict and state_dict[key].shape != own[key].shape for key in classifier)
+    return {key: value for key, value in state_dict.items()
+            if not ((mismatched and key in classifier) or (key not in own and _is_classifier_key(key, model)))}
+
+
+def _is_classifier_key(key: str, model: nn.Module) -> bool:
+    """Whether ``key`` names a parameter of the classifier in the model's pretrained config."""
+    names = model.pretrained_cfg.get('classifier') if hasattr(model, 'pretrained_cfg') else None
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    return any(key.startswith(f'{name}.') for name in names) or key.startswith('warehouse_manager.weights.')
