@@ -12,7 +12,13 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.9',
-    packages=find_packages(include=['models', 'models.*', 'modules', 'modules.*']),
+    # `models` and `modules` as the repository's scripts import them, and the same packages under
+    # `kernelwarehouse.` for projects that have a `models` or `modules` package of their own
+    packages=find_packages(include=['models', 'models.*', 'modules', 'modules.*']) + [
+        'kernelwarehouse', 'kernelwarehouse.models', 'kernelwarehouse.modules',
+        'kernelwarehouse.modules.kernel_warehouse'],
+    package_dir={'kernelwarehouse.models': 'models', 'kernelwarehouse.modules': 'modules',
+                 'kernelwarehouse.modules.kernel_warehouse': 'modules/kernel_warehouse'},
     install_requires=[
         # Pinned exactly: these builds are available locally; other versions download gigabytes.
         'torch==2.14.1',

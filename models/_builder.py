@@ -10,9 +10,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from modules.kernel_warehouse import KWConvNd, WarehouseManager, set_temperature, static_layer
-
 from ._checkpoint import checkpoint_filter_fn
+from ._kw import KWConvNd, WarehouseManager, set_temperature, static_layer
 
 # Arguments every entrypoint accepts (main.py passes all of them to every model, as the
 # original release does). KW arguments are ignored by the plain models.

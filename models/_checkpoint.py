@@ -13,7 +13,7 @@ import numpy._core.multiarray as np_multiarray
 import torch
 from torch import nn
 
-from modules.kernel_warehouse import KWConvNd
+from ._kw import KWConvNd
 
 # Plain types that our checkpoints and the original release's hold besides tensors and containers:
 # ``args`` is the run's argparse.Namespace; the original's optimizer states hold numpy scalars (its

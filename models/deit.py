@@ -21,9 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from timm.models import VisionTransformer, generate_default_cfgs
 from torch import nn
 
-from modules.kernel_warehouse import RegexRule, Stages, convert
-
 from ._builder import TemperatureMixin, build, freeze_unused_warehouses, pretrained_cfg
+from ._kw import RegexRule, Stages, convert
 
 DEPTH = 12
 KW_STAGE_DEPTHS = (3, 3, 3, 3)

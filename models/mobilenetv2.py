@@ -11,9 +11,8 @@ from timm.layers import make_divisible
 from timm.models import generate_default_cfgs
 from torch import nn
 
-from modules.kernel_warehouse import static_layer
-
 from ._builder import ConvNetContract, build, finish_kw, make_global_pool, make_layer_factory, pretrained_cfg
+from ._kw import static_layer
 
 # t (expansion), c (channels), n (blocks), s (stride of the first block)
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),

@@ -1,5 +1,6 @@
 """Model registry, construction arguments, checkpoints, and float64 outputs of all released configs."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,23 @@ def test_import_registers_every_model_without_warnings():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == '[]'
     assert result.stderr == ''
+
+
+def test_installed_library_imports_beside_a_project_with_its_own_models(tmp_path):
+    """In a project with its own ``models`` and ``modules`` packages, ``kernelwarehouse.models`` is ours
+    and builds with our KW layers, while ``import models`` stays the project's."""
+    for package in ('models', 'modules'):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / '__init__.py').write_text("OWNER = 'project'\n")
+    code = ('import models, modules, timm; import kernelwarehouse.models as kw; '
+            'from kernelwarehouse.modules.kernel_warehouse import KWConvNd; '
+            'model = kw.create_model("kw_resnet18", num_classes=3); '
+            'print(models.OWNER, modules.OWNER, type(model).__module__, '
+            'any(isinstance(m, KWConvNd) for m in model.modules()), type(timm.create_model("resnet18")).__module__)')
+    env = {key: value for key, value in os.environ.items() if key != 'PYTHONPATH'}
+    result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['project', 'project', 'kernelwarehouse.models.resnet', 'True', 'timm.models.resnet']
 
 
 @pytest.mark.parametrize('name, cls', [('resnet18', models.ResNet), ('resnet50', models.ResNet),
