@@ -5,6 +5,7 @@
         --data_path /path/to/imagenet --batch_size 128 --update_freq 4 --output_dir out/kw1x_r18
     python main.py --kw_config configs/resnet18/kw1x_resnet18.json --eval true --resume ckpt.pth \\
         --data_path /path/to/imagenet
+    python main.py --model efficientnet_b0 --kw_convert true --cell_num_ratio 1 ...   # any timm CNN
 
 ``--kw_config FILE`` supplies option defaults (the released JSON configs); explicit flags win.
 """
@@ -16,9 +17,10 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+import timm
 import torch
 import torch.backends.cudnn as cudnn
 from timm.data import Mixup
@@ -61,6 +63,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument('--model_ema_eval', type=str2bool, default=False, help='also evaluate the EMA model')
 
     group = parser.add_argument_group('KernelWarehouse (unset: the model\'s default)')
+    group.add_argument('--kw_convert', type=str2bool, default=False,
+                       help='turn --model, any timm CNN, into a KW model: one warehouse per stage and kind of layer '
+                            '(docs/kw_layers.md)')
     group.add_argument('--reduction', type=float, default=None, help='attention width / input channels')
     group.add_argument('--cell_num_ratio', type=float, default=None, help='cells relative to mixtures (1/4x .. 4x)')
     group.add_argument('--cell_inplane_ratio', type=float, default=None)
@@ -222,8 +227,11 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str
 
 def check_args(args: argparse.Namespace) -> None:
     """Impossible values are errors before anything runs."""
-    if args.model not in models.MODEL_NAMES:
-        raise UserError(f'unknown model {args.model!r}; known models: {", ".join(models.MODEL_NAMES)}.')
+    if args.kw_convert:
+        check_convertible_model(args.model)
+    elif args.model not in models.MODEL_NAMES:
+        raise UserError(f'unknown model {args.model!r}; known models: {", ".join(models.MODEL_NAMES)} (or any timm '
+                        f'CNN with --kw_convert true).')
     positive = ['lr', 'batch_size', 'epochs', 'update_freq', 'input_size', 'nb_classes', 'save_ckpt_freq',
                 'save_ckpt_num', 'print_freq', 'model_ema_decay', 'reduction', 'cell_num_ratio',
                 'cell_inplane_ratio', 'cell_outplane_ratio', 'nonlocal_basis_ratio', 'train_samples', 'val_samples']
@@ -252,6 +260,16 @@ def check_args(args: argparse.Namespace) -> None:
                         'combined; set one of them to false.')
     if args.compile:
         utils.check_compile_options(args.compile_backend, args.compile_mode)
+
+
+def check_convertible_model(name: str) -> None:
+    if name in models.MODEL_NAMES and name.startswith('kw'):
+        raise UserError(f'{name} is a KW model already: drop --kw_convert, or name a plain model such as '
+                        f'{name.split("_", 1)[1]}.')
+    if not timm.is_model(models.resolve_model_name(name)):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise UserError(f'--kw_convert true: timm has no model {name!r}' +
+                        (f' (did you mean {", ".join(close)}?)' if close else '; timm.list_models() lists them') + '.')
 
 
 def parse_args(argv: Optional[List[str]] = None,
@@ -329,8 +347,20 @@ def build_loaders(args: argparse.Namespace):
     return loader_train, loader_val
 
 
-def build_model(args: argparse.Namespace) -> nn.Module:
-    model = models.create_model_from_config(vars(args))
+def build_model(args: argparse.Namespace,
+                on_conversion: Optional[Callable[[models.ConversionPlan], None]] = None) -> nn.Module:
+    """The model of ``args``; with ``--kw_convert``, ``on_conversion`` receives the conversion's plan."""
+    try:
+        model = models.create_model_from_config(vars(args), on_conversion=on_conversion)
+    except TypeError as error:  # a timm model refusing an option (our models take them all)
+        if not args.kw_convert:
+            raise
+        raise UserError(f'--model {args.model} cannot be built with these options ({error}); a model without '
+                        f'stochastic depth needs --drop_path 0.') from None
+    except ValueError as error:  # what convert() refuses, e.g. a model that reports no stages
+        if not args.kw_convert:
+            raise
+        raise UserError(f'--kw_convert true with --model {args.model}: {error}') from None
     if args.finetune:
         load_finetune_weights(model, args)
     return model
@@ -550,7 +580,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     cudnn.benchmark = True
 
     loader_train, loader_val = build_loaders(args)
-    model = build_model(args).to(device)
+    model = build_model(args, on_conversion=print).to(device)
     if args.channels_last:
         utils.to_channels_last(model)
     model_ema = None

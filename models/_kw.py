@@ -5,10 +5,11 @@ Imported as ``kernelwarehouse.models`` (see ``kernelwarehouse/__init__.py``) tha
 imported as the top-level ``models`` (the repository's scripts) it is the top-level ``modules``.
 """
 if __package__.startswith('kernelwarehouse.'):
-    from ..modules.kernel_warehouse import (KWConvNd, RegexRule, Stages, WarehouseManager, convert,
-                                            set_temperature, static_layer)
+    from ..modules.kernel_warehouse import (ConversionPlan, KWConvNd, RegexRule, Stages, WarehouseManager, convert,
+                                            plan, set_temperature, static_layer)
 else:
-    from modules.kernel_warehouse import (KWConvNd, RegexRule, Stages, WarehouseManager, convert,
-                                          set_temperature, static_layer)
+    from modules.kernel_warehouse import (ConversionPlan, KWConvNd, RegexRule, Stages, WarehouseManager, convert,
+                                          plan, set_temperature, static_layer)
 
-__all__ = ['KWConvNd', 'RegexRule', 'Stages', 'WarehouseManager', 'convert', 'set_temperature', 'static_layer']
+__all__ = ['ConversionPlan', 'KWConvNd', 'RegexRule', 'Stages', 'WarehouseManager', 'convert', 'plan',
+           'set_temperature', 'static_layer']

@@ -1,8 +1,10 @@
 """The converter: selection and naming, equivalence with the built-in KW ResNets, timm models, errors."""
 import copy
+import io
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,8 @@ from timm.layers import create_conv2d
 from torch import nn
 
 import models
-from modules.kernel_warehouse import (CONVERTIBLE_TYPES, Attention, KWConvNd, KWLinear, RegexRule, Stages, convert,
-                                      plan)
+from modules.kernel_warehouse import (CONVERTIBLE_TYPES, Attention, KWConvNd, KWLinear, RegexRule, Stages, StageRule,
+                                      convert, converter, plan)
 
 REFERENCE = Path(__file__).parent / 'reference'
 KW_SETTINGS = ('reduction', 'cell_num_ratio', 'cell_inplane_ratio', 'cell_outplane_ratio', 'sharing_range',
@@ -95,11 +97,12 @@ TIMM_CASES = {
     # timm zero-initialises each block's last batch norm, which would hide the block convs' gradients
     'resnet34': dict(rule=resnet_rule((3, 4, 6, 3), 2), create=dict(zero_init_last=False),
                      kwargs=dict(sharing_range='layer_conv')),
+    # these two rules share warehouses among layers of unrelated widths: convert() warns
     'efficientnet_b0': dict(rule=[(r'blocks\.(\d+)\.(\d+)\.(conv_pw|conv_dw|conv_pwl)', 'stage{0}_layer{1}_{2}')],
-                            kwargs=dict(sharing_range='layer', depthwise=False, cell_num_ratio=2)),
+                            kwargs=dict(sharing_range='layer', depthwise=False, cell_num_ratio=2), warns=True),
     'mobilenetv3_small_100': dict(rule=_mobilenetv3_rule, kwargs=dict(
         sharing_range='layer', stem=True, classifier=True, exclude=[r'.*\.se\..*'],
-        types=(*CONVERTIBLE_TYPES, timm.layers.Linear))),
+        types=(*CONVERTIBLE_TYPES, timm.layers.Linear)), warns=True),
     'vit_tiny_patch16_224': dict(rule=_vit_rule(), create=dict(img_size=32, patch_size=4),
                                  kwargs=dict(sharing_range='layer', norm_layer=nn.LayerNorm)),
 }
@@ -114,7 +117,10 @@ def test_timm_models_convert_and_train(name):
     selection = {k: v for k, v in case['kwargs'].items() if k in ('include', 'exclude', 'types', 'depthwise', 'stem',
                                                                    'classifier')}
     names = plan(model, case['rule'], **selection)
-    convert(model, case['rule'], **case['kwargs'])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        convert(model, case['rule'], **case['kwargs'])
+    assert any('attention parameters' in str(w.message) for w in caught) == case.get('warns', False)
 
     assert [n for n, _ in kw_layers(model)] == [p + '.conv' if isinstance(model.get_submodule(p), KWLinear) else p
                                                 for p in names]
@@ -287,3 +293,161 @@ def test_stage_errors_are_clear():
         Stages((2, 0))
     with pytest.raises(ValueError, match=r'block 3 of stage 2 does not exist'):
         Stages((2, 2), first_stage=1).locate(3, 2)
+
+
+# ---- convert(model) without a rule: StageRule ----
+
+RESNET_MANIFESTS = ['resnet18__kw1x_resnet18', 'resnet18__kw2x_resnet18', 'resnet18__kw4x_resnet18',
+                    'resnet18__kw1d2x_resnet18', 'resnet18__kw1d4x_resnet18', 'resnet50__kw1x_resnet50',
+                    'resnet50__kw1d2x_resnet50', 'resnet50__kw4x_resnet50']
+
+
+@pytest.mark.parametrize('manifest_name', RESNET_MANIFESTS)
+def test_automatic_rule_gives_the_released_kw_resnets(manifest_name):
+    """One warehouse per stage with the hand-over, found from feature_info and one traced pass, is
+    the layout of every released KW ResNet (whose ResNet-50s keep layer1.0's conv1 and shortcut plain)."""
+    manifest = json.loads((REFERENCE / f'{manifest_name}.json').read_text())
+    config = manifest['config_json']
+    settings = {k: config[k] for k in KW_SETTINGS if k in config and k != 'sharing_range'}
+    exclude = [r'layer1\.0\.(conv1|downsample\.0)'] if 'resnet50' in manifest_name else None
+    model = models.create_model(config['model'].replace('kw_', ''), num_classes=manifest['num_classes'])
+    convert(model, exclude=exclude, **settings)
+
+    assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == manifest['state_dict']
+    assert sum(p.numel() for p in model.parameters()) == manifest['num_params']
+    for warehouse in manifest['warehouses']:
+        assert [n for n, m in kw_layers(model) if m.warehouse_id == warehouse['index']] == warehouse['layers']
+
+
+# name: timm.create_model arguments (timm zero-initialises each ResNet and RegNet block's last batch
+# norm, which would hide the block convs' gradients)
+AUTO_FAMILIES = {'resnet34': dict(zero_init_last=False), 'efficientnet_b0': {}, 'mobilenetv3_large_100': {},
+                 'convnext_atto': {}, 'regnety_002': dict(zero_init_last=False)}
+SIZE_PROMISE = 1.4  # a 1x conversion (1000 classes) has at most 1.4x the plain model's parameters
+WAREHOUSE_NAME = re.compile(r'stage(\d+)_(conv|dwconv|gconv|linear)(_part\d+)?')
+
+
+def _kind(layer):
+    if isinstance(layer, KWLinear):
+        return 'linear'
+    return 'conv' if layer.groups == 1 else 'dwconv' if layer.groups == layer.in_planes else 'gconv'
+
+
+@pytest.mark.parametrize('name', AUTO_FAMILIES)
+def test_automatic_rule_on_timm_families(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **AUTO_FAMILIES[name])
+    conversion = plan(model)
+    assert conversion.params_after <= SIZE_PROMISE * conversion.params_before
+    assert conversion.attention_params <= converter.ATTENTION_WARNING_RATIO * conversion.params_before
+
+    model.reset_classifier(5)
+    conversion = plan(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        convert(model)
+    assert not [w for w in caught if 'attention parameters' in str(w.message)]
+    assert sum(p.numel() for p in model.parameters()) == conversion.params_after
+    manager = model.warehouse_manager
+    assert manager.warehouse_names == [w.name for w in conversion.warehouses]
+    for layer_path, warehouse in conversion.items():
+        layer = model.get_submodule(layer_path)
+        assert WAREHOUSE_NAME.fullmatch(warehouse)
+        assert _kind(layer) == WAREHOUSE_NAME.fullmatch(warehouse).group(2)
+        assert (layer.conv if isinstance(layer, KWLinear) else layer).warehouse_id == \
+            manager.warehouse_names.index(warehouse)
+    stages = {int(WAREHOUSE_NAME.fullmatch(w).group(1)) for w in conversion.values()}
+    # every stage after the first (which may be just the plain stem) has KW layers; no stage is made up
+    assert set(range(1, len(model.feature_info))) <= stages <= set(range(len(model.feature_info)))
+
+    # a training step moves every warehouse
+    model.train().net_update_temperature(0.5)
+    before = [w.detach().clone() for w in manager.weights]
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.arange(4))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(old, new) for old, new in zip(before, manager.weights))
+
+    # the state dict round-trips into the same conversion of a new model
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    again = convert(timm.create_model(name, num_classes=5, **AUTO_FAMILIES[name]))
+    again.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    for m in (model, again):
+        m.eval().net_update_temperature(0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_automatic_rule_hands_over_reads_stages_and_keeps_pooled_inputs_plain():
+    conversion = plan(timm.create_model('efficientnet_b0'))
+    assert conversion.kept_plain['conv_stem'] == 'stem' and conversion.kept_plain['classifier'] == 'classifier'
+    se_layers = [p for p in conversion.kept_plain if '.se.' in p]
+    assert len(se_layers) == 32 and all(conversion.kept_plain[p] == 'sees a pooled 1x1 input' for p in se_layers)
+    # blocks.1.0's expansion reads stage 0's output (16 channels at 1/2): stage 0's warehouse; its
+    # depthwise conv reads the expanded 96 channels: stage 1
+    assert conversion['blocks.1.0.conv_pw'] == 'stage0_conv'
+    assert conversion['blocks.1.0.conv_dw'].startswith('stage1_dwconv')
+    assert conversion['conv_head'].startswith('stage4_conv')  # after the last stage: the last stage's
+    # timm's ResNet: layer2.0's conv1 and shortcut read layer1's output
+    resnet = plan(timm.create_model('resnet34'))
+    assert resnet['layer2.0.conv1'] == resnet['layer2.0.downsample.0'] == resnet['layer1.0.conv1'] == 'stage1_conv'
+    assert resnet['layer2.0.conv2'] == 'stage2_conv'
+
+
+def test_plan_describes_and_changes_nothing():
+    model = timm.create_model('mobilenetv3_small_050').train()
+    model.blocks[1].eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    conversion = plan(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # batch norm statistics too
+    assert [m.training for m in model.modules()] == modes
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+    text = str(conversion)
+    before, after = conversion.params_before, conversion.params_after
+    assert f'{len(conversion)} of {len(conversion) + len(conversion.kept_plain)} conv/linear layers into ' \
+           f'{len(conversion.warehouses)} warehouses' in text
+    assert f'{before / 1e6:.2f}M -> {after / 1e6:.2f}M (x{after / before:.2f}' in text
+    assert 'stem: conv_stem' in text and 'sees a pooled 1x1 input: blocks.0.0.se.conv_reduce' in text
+    assert all(w.name in text for w in conversion.warehouses)
+    convert(model)
+    assert sum(p.numel() for p in model.parameters()) == after
+    cells = model.warehouse_manager.weights
+    assert [(w.num_cells, *w.cell_shape) for w in conversion.warehouses] == [tuple(c.shape) for c in cells]
+
+
+def test_budget_splits_and_sharing_range_joins():
+    model = timm.create_model('mobilenetv3_small_050')
+    split = plan(model)
+    assert any('_part' in w.name for w in split.warehouses)
+    unsplit = plan(model, StageRule(attention_budget=float('inf')))
+    assert {w.name for w in unsplit.warehouses} == {re.sub('_part\\d+', '', w.name) for w in split.warehouses}
+    joined = plan(model, sharing_range='part')
+    assert [w.layers for w in joined.warehouses] == [w.layers for w in unsplit.warehouses]
+
+
+def test_conversion_that_multiplies_the_parameters_warns():
+    """A hand-written rule that puts layers of unrelated widths together: tiny cells, huge attentions."""
+    model = timm.create_model('mobilenetv3_small_050')
+    rule = [(r'blocks\.(\d+)\.(\d+)\.(conv_pw|conv_dw|conv_pwl)', 'stage{0}_layer{1}_{2}')]
+    with pytest.warns(UserWarning, match=r'converting MobileNetV3 adds [\d.]+M attention parameters \(1\.59M -> '):
+        convert(model, rule, sharing_range='layer')
+
+
+@pytest.mark.parametrize('make, options, message', [
+    (ToyNet, {}, "reads the stages of the model from timm's feature_info, which ToyNet does not have"),
+    (lambda: timm.create_model('resnet18'), dict(cell_num_ratio=[1, 2]),
+     'cell_num_ratio has 2 values, one per warehouse, but convert.. without a rule chooses the warehouses'),
+])
+def test_automatic_rule_mistakes_are_clear(make, options, message):
+    model = make()
+    with pytest.raises(ValueError, match=message):
+        convert(model, **options)
+    assert not hasattr(model, 'warehouse_manager')
+    with pytest.raises(ValueError, match='attention_budget must be > 0'):
+        StageRule(attention_budget=0)

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 import main
 import utils
 from engine import get_temperature, train_one_epoch
-from modules.kernel_warehouse import Attention, WarehouseManager
+from modules.kernel_warehouse import Attention, WarehouseManager, plan
 
 ROOT = Path(__file__).parent.parent
 # A tiny, deterministic recipe: no augmentation randomness beyond crops/flips, no mixup.
@@ -176,6 +177,12 @@ def test_temperature_per_iteration_follows_the_schedule():
      "unknown --compile_mode 'fastest'; choose from default, "),
     ({'model': 'kw_resnet18', 'compile': True, 'cuda_graph': True},
      '--compile true and --cuda_graph true are two ways to cut launch overhead and cannot be combined'),
+    ({'model': 'kw_resnet18', 'kw_convert': True},
+     'kw_resnet18 is a KW model already: drop --kw_convert, or name a plain model such as resnet18.'),
+    ({'model': 'efficientnet_b00', 'kw_convert': True},
+     "--kw_convert true: timm has no model 'efficientnet_b00' (did you mean efficientnet_b0"),
+    ({'model': 'efficientnet_b0'}, "unknown model 'efficientnet_b0'; known models: resnet18, resnet50, kw_resnet18, "),
+    ({'model': 'efficientnet_b0'}, '(or any timm CNN with --kw_convert true).'),
 ])
 def test_config_errors_are_one_clear_sentence(config, message, tmp_path, capsys):
     path = tmp_path / 'config.json'
@@ -362,3 +369,32 @@ def test_torchrun_compiled_trains_like_eager(torchrun_eager, tmp_path):
     eager_out, _ = torchrun_eager
     _torchrun(tmp_path / 'out', '--compile', 'true', '--compile_backend', 'aot_eager')
     _assert_trained_alike(tmp_path / 'out', eager_out)
+
+
+def test_kw_convert_trains_and_evaluates_a_timm_model(tmp_path, capsys):
+    """``--model NAME --kw_convert true``: any timm CNN, converted without a rule, with the KW options."""
+    out = tmp_path / 'run'
+    common = ['--model', 'mobilenetv3_small_050', '--kw_convert', 'true', '--cell_num_ratio', 2, '--data_set', 'FAKE',
+              '--nb_classes', 5, *QUICK]
+    run_main(*common, '--output_dir', out)
+    [record] = read_log(out)
+    printed = capsys.readouterr().out
+    conversion = plan(timm.create_model('mobilenetv3_small_050', num_classes=5), cell_num_ratio=2)
+    assert str(conversion).splitlines()[0] in printed
+    weights = torch.load(out / 'checkpoint-0.pth', weights_only=False)['model']
+    assert [tuple(weights[f'warehouse_manager.weights.{i}'].shape) for i in range(len(conversion.warehouses))] == \
+        [(w.num_cells, *w.cell_shape) for w in conversion.warehouses]
+    assert sum(v.numel() for k, v in weights.items() if 'running_' not in k and 'num_batches' not in k) == \
+        conversion.params_after
+
+    stats = run_main(*common, '--eval', 'true', '--resume', out / 'checkpoint-0.pth')
+    assert stats['acc1'] == record['test_acc1'] and stats['loss'] == pytest.approx(record['test_loss'], rel=1e-6)
+
+
+def test_kw_convert_reports_options_a_model_refuses(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.run(['--model', 'vgg11', '--kw_convert', 'true', '--drop_path', '0.1', '--data_set', 'FAKE',
+                  '--output_dir', str(tmp_path / 'out'), *QUICK])
+    assert exit_info.value.code != 0
+    assert "--model vgg11 cannot be built with these options (" in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()

@@ -13,18 +13,20 @@ The life cycle of a KW model follows the warehouse manager's three phases:
    cells, and initialises those cells.
 
 :func:`convert` applies the three phases to an existing model (any ``nn.Module``, timm models
-included): it replaces the layers a naming rule selects by KW layers at the same module paths.
+included): it replaces the layers a naming rule selects by KW layers at the same module paths;
+without a rule, :class:`StageRule` names the warehouses from the stages a timm model reports.
 
 Paper: "KernelWarehouse: Rethinking the Design of Dynamic Convolution", Li and Yao, ICML 2024.
 The behaviour reproduced here is specified in ``KW-SPEC.md`` (sections 1-4).
 """
 from .attention import Attention, set_temperature
 from .conv import KWConv1d, KWConv2d, KWConv3d, KWConvNd, KWLinear
-from .converter import CONVERTIBLE_TYPES, RegexRule, Stages, convert, plan
+from .auto_rule import StageRule
+from .converter import CONVERTIBLE_TYPES, ConversionPlan, RegexRule, Stages, WarehousePlan, convert, plan
 from .manager import Warehouse_Manager, WarehouseManager, parse_sharing_range, static_layer
 
 __all__ = [
     'WarehouseManager', 'Warehouse_Manager', 'Attention', 'KWConvNd', 'KWConv1d', 'KWConv2d',
     'KWConv3d', 'KWLinear', 'set_temperature', 'parse_sharing_range', 'static_layer',
-    'convert', 'plan', 'RegexRule', 'Stages', 'CONVERTIBLE_TYPES',
+    'convert', 'plan', 'ConversionPlan', 'WarehousePlan', 'RegexRule', 'Stages', 'StageRule', 'CONVERTIBLE_TYPES',
 ]

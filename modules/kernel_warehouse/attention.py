@@ -1,5 +1,5 @@
 """The contrasting-driven attention of a KW layer (KW-SPEC sections 2 and 3)."""
-from typing import Type
+from typing import Tuple, Type
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class Attention(nn.Module):
             start_cell_idx: int = 0,
     ):
         super().__init__()
-        hidden_planes = max(int(in_planes * reduction), 16)
+        hidden_planes = self.hidden_planes(in_planes, reduction)
         self.planes_per_mixture = num_cells + 1  # the last plane is the zero cell
         self.num_mixtures = num_mixtures
         self.kw_planes = self.planes_per_mixture * num_mixtures
@@ -61,9 +61,9 @@ class Attention(nn.Module):
         else:
             # Low-rank mapping: the layer's own cells get direct weights, the cells of the other
             # layers sharing the warehouse are reached through a small shared basis.
-            self.num_local_cells = int(cell_num_ratio * num_mixtures)
+            self.num_local_cells, self.num_basis = self.basis_size(num_cells, num_mixtures, cell_num_ratio,
+                                                                   nonlocal_basis_ratio)
             self.num_nonlocal_cells = num_cells - self.num_local_cells
-            self.num_basis = max(int(self.num_nonlocal_cells * nonlocal_basis_ratio), 16)
             self.fc2 = nn.Linear(
                 hidden_planes, (self.num_local_cells + self.num_basis + 1) * num_mixtures, bias=False)
             self.fc3 = nn.Linear(self.num_basis, self.num_nonlocal_cells, bias=False)
@@ -73,6 +73,29 @@ class Attention(nn.Module):
         self.register_buffer('temperature_value', torch.zeros(()), persistent=False)
         self.temperature = 0.0
         self._init_weights()
+
+    @staticmethod
+    def hidden_planes(in_planes: int, reduction: float) -> int:
+        """Width of the attention's hidden layer."""
+        return max(int(in_planes * reduction), 16)
+
+    @staticmethod
+    def basis_size(num_cells: int, num_mixtures: int, cell_num_ratio: float,
+                   nonlocal_basis_ratio: float) -> Tuple[int, int]:
+        """``(own cells, basis size)`` of the low-rank mapping (``nonlocal_basis_ratio < 1``)."""
+        num_local_cells = int(cell_num_ratio * num_mixtures)
+        return num_local_cells, max(int((num_cells - num_local_cells) * nonlocal_basis_ratio), 16)
+
+    @classmethod
+    def output_weights(cls, in_planes: int, reduction: float, num_cells: int, num_mixtures: int,
+                       cell_num_ratio: float = 1.0, nonlocal_basis_ratio: float = 1.0) -> int:
+        """Number of weights in ``fc2`` (and ``fc3``), the part of the attention that grows with the
+        warehouse: ``hidden x m x (n + 1)`` without the low-rank mapping."""
+        hidden = cls.hidden_planes(in_planes, reduction)
+        if nonlocal_basis_ratio >= 1.0:
+            return hidden * num_mixtures * (num_cells + 1)
+        local, basis = cls.basis_size(num_cells, num_mixtures, cell_num_ratio, nonlocal_basis_ratio)
+        return hidden * (local + basis + 1) * num_mixtures + basis * (num_cells - local)
 
     @property
     def temperature(self) -> float:

@@ -2,26 +2,36 @@ r"""Turn the convolutions and linear layers of an existing model into KW layers,
 
 ::
 
-    model = timm.create_model('resnet34')
+    model = timm.create_model('efficientnet_b0')
+    print(plan(model))       # the warehouses, their cells and the parameter count it would make
+    convert(model)           # one warehouse per stage and kind of layer (StageRule)
+
+    # or name the warehouses yourself, e.g. as the KW ResNets do:
     block = r'layer(?P<stage>\d)\.(?P<block>\d+)\.'
     rule = RegexRule([
         (block + 'conv1', 'stage{handover_stage}_layer{handover_layer}_conv0'),
         (block + 'conv2', 'stage{stage}_layer{layer}_conv1'),
         (block + r'downsample\.0', 'stage{handover_stage}_layer{handover_layer}_conv2'),
     ], fields=Stages((3, 4, 6, 3), first_stage=1))
-    convert(model, rule, sharing_range=('layer', 'conv'), cell_num_ratio=1)
+    convert(timm.create_model('resnet34'), rule, sharing_range=('layer', 'conv'), cell_num_ratio=1)
 
 :func:`plan` selects layers and names their warehouses; :func:`convert` then runs the warehouse
 manager's three phases on them exactly as the built-in KW models do (same fusing of names through
 the sharing range, same per-warehouse settings, same cell allocation in ``modules()`` order).
 """
 import functools
+import math
 import re
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
 
+import torch
 from torch import nn
 
 from .attention import set_temperature
+from .auto_rule import StageRule
+from .conv import KWLinear
 from .manager import WarehouseManager
 
 # ``rule(path, layer)`` -> warehouse name of the layer, or None to keep it plain.
@@ -32,6 +42,11 @@ TemplateFields = Callable[['re.Match[str]'], Mapping[str, Any]]
 CONVERTIBLE_TYPES: Tuple[Type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _LAYER_TYPES = {nn.Conv1d: 'conv1d', nn.Conv2d: 'conv2d', nn.Conv3d: 'conv3d', nn.Linear: 'linear'}
 MANAGER_ATTRIBUTE = 'warehouse_manager'  # fixes the state-dict keys warehouse_manager.weights.N
+# convert() warns when the attentions add more than this fraction of the model's parameters (the
+# released 1x models: 0.02 for ResNet-18 to 0.48 for MobileNetV2), and at least a million: in a toy
+# model the attentions' minimum width (16) outweighs small kernels, which is no cause for alarm.
+ATTENTION_WARNING_RATIO = 0.5
+ATTENTION_WARNING_MINIMUM = 1_000_000
 
 
 class Stages:
@@ -201,9 +216,100 @@ def _check_convertible(path: str, layer: nn.Module, types: Tuple[type, ...], pat
                          f'at one path only: exclude it or give each path its own layer.')
 
 
+@dataclass
+class WarehousePlan:
+    """One warehouse of a :class:`ConversionPlan`."""
+    name: str
+    layers: List[str]
+    cell_shape: Tuple[int, ...]
+    num_cells: int
+    attention_params: int  # the attentions of its layers
+
+    @property
+    def cell_params(self) -> int:
+        return self.num_cells * math.prod(self.cell_shape)
+
+
+def _short_count(count: int) -> str:
+    return f'{count / 1e6:.2f}M' if count >= 1e5 else f'{count / 1e3:.1f}K'
+
+
+class ConversionPlan(Dict[str, str]):
+    """What :func:`convert` would do: ``{module path: warehouse name}`` of the layers it replaces,
+    in module order, and
+
+    - ``warehouses``: a :class:`WarehousePlan` each (fused name, layers, cell shape, cells and the
+      parameters of its layers' attentions), in the order of their state-dict index;
+    - ``kept_plain``: ``{module path: why}`` for every other conv/linear layer;
+    - ``params_before``, ``params_after``: the model's parameter count now and once converted.
+
+    ``print(plan)`` shows all of it as a table.
+    """
+
+    def __init__(self, names: Mapping[str, str], warehouses: List[WarehousePlan], kept_plain: Dict[str, str],
+                 params_before: int, params_after: int, model_name: str):
+        super().__init__(names)
+        self.warehouses = warehouses
+        self.kept_plain = kept_plain
+        self.params_before = params_before
+        self.params_after = params_after
+        self.model_name = model_name
+
+    @property
+    def attention_params(self) -> int:
+        return sum(w.attention_params for w in self.warehouses)
+
+    def __str__(self) -> str:
+        before, after = self.params_before, self.params_after
+        cells = sum(w.cell_params for w in self.warehouses)
+        lines = [f'KW conversion of {self.model_name}: {len(self)} of {len(self) + len(self.kept_plain)} conv/linear '
+                 f'layers into {len(self.warehouses)} warehouses',
+                 f'parameters: {_short_count(before)} -> {_short_count(after)} (x{after / max(before, 1):.2f}; cells '
+                 f'{_short_count(cells)}, attentions {_short_count(self.attention_params)})']
+        if self.warehouses:
+            width = max(len('warehouse'), *(len(w.name) for w in self.warehouses))
+            lines.append(f'{"warehouse":<{width}}  layers  {"cell":<14} {"cells":>6}  {"cell params":>11}  attentions')
+            for w in self.warehouses:
+                cell = 'x'.join(map(str, w.cell_shape))
+                lines.append(f'{w.name:<{width}}  {len(w.layers):>6}  {cell:<14} {w.num_cells:>6}  '
+                             f'{_short_count(w.cell_params):>11}  {_short_count(w.attention_params):>10}')
+        by_reason: Dict[str, List[str]] = {}
+        for path, reason in self.kept_plain.items():
+            by_reason.setdefault(reason, []).append(path)
+        if by_reason:
+            lines.append('kept plain:')
+        for reason, paths in by_reason.items():
+            shown = ', '.join(paths[:4]) + (f', ... ({len(paths)} layers)' if len(paths) > 4 else '')
+            lines.append(f'  {reason}: {shown}')
+        return '\n'.join(lines)
+
+
+def _select(model: nn.Module, layers: List[Tuple[str, nn.Module]], types: Tuple[type, ...],
+            include: List['re.Pattern[str]'], exclude: List['re.Pattern[str]'], depthwise: bool, stem: bool,
+            classifier: bool) -> Dict[str, Optional[str]]:
+    """For every conv/linear layer, None when it is a candidate for conversion, else why not."""
+    reasons: Dict[str, Optional[str]] = {path: None for path, _ in layers}
+    if not stem:
+        reasons[layers[0][0]] = 'stem'
+    if not classifier:
+        reasons.update({path: 'classifier' for path in _classifier_paths(model, layers)})
+    for path, layer in layers:
+        if reasons[path] is not None:
+            continue
+        if not isinstance(layer, types):
+            reasons[path] = 'not one of types'
+        elif _is_depthwise(layer) and not depthwise:
+            reasons[path] = 'depthwise (depthwise=False)'
+        elif include and not any(p.fullmatch(path) for p in include):
+            reasons[path] = 'not matched by include'
+        elif any(p.fullmatch(path) for p in exclude):
+            reasons[path] = 'excluded'
+    return reasons
+
+
 def plan(
         model: nn.Module,
-        rule: Union[NamingRule, RulePairs],
+        rule: Union[NamingRule, RulePairs, StageRule, None] = None,
         *,
         include: Optional[Iterable[str]] = None,
         exclude: Optional[Iterable[str]] = None,
@@ -211,17 +317,24 @@ def plan(
         depthwise: bool = True,
         stem: bool = False,
         classifier: bool = False,
-) -> Dict[str, str]:
-    """The warehouse name of every layer :func:`convert` would replace, by module path, in module order.
+        **manager_settings,
+) -> ConversionPlan:
+    """What :func:`convert` with the same arguments would do, without changing ``model``: the
+    warehouse name of every layer it would replace (by module path, in module order), with the
+    warehouses, the layers kept plain and why, and the parameter counts (see :class:`ConversionPlan`).
+    It raises what :func:`convert` would raise.
 
     A layer is a candidate when it is an instance of ``types`` (subclasses of ``nn.Conv1d/2d/3d`` and
     ``nn.Linear``), its path matches an ``include`` pattern (if any) and no ``exclude`` pattern
     (patterns match the whole path), it is not a depthwise conv unless ``depthwise``, not the stem
     (the model's first conv/linear layer in module order) unless ``stem``, and not in the
     classifier (``model.get_classifier()``, else the last conv/linear layer) unless ``classifier``.
-    ``rule`` names each candidate's warehouse or returns None to keep it plain.
+    ``rule`` names each candidate's warehouse or returns None to keep it plain; without a rule,
+    :class:`StageRule` names them from the model's stages.
     """
-    rule = rule if callable(rule) else RegexRule(rule)
+    rule = StageRule() if rule is None else rule
+    if not isinstance(rule, StageRule) and not callable(rule):
+        rule = RegexRule(rule)
     types = tuple(types)
     if not all(isinstance(t, type) and issubclass(t, CONVERTIBLE_TYPES) for t in types):
         raise ValueError(f'types must be subclasses of nn.Conv1d/2d/3d or nn.Linear, got {types!r}.')
@@ -232,25 +345,61 @@ def plan(
     # The root cannot be replaced in place.
     layers = [(path, m) for path, m in model.named_modules() if path and isinstance(m, CONVERTIBLE_TYPES)]
     if not layers:
-        return {}
-    kept_plain = set() if stem else {layers[0][0]}
-    if not classifier:
-        kept_plain |= _classifier_paths(model, layers)
-    names = {}
-    for path, layer in layers:
-        if (path in kept_plain or not isinstance(layer, types) or (_is_depthwise(layer) and not depthwise)
-                or (include_patterns and not any(p.fullmatch(path) for p in include_patterns))
-                or any(p.fullmatch(path) for p in exclude_patterns)):
-            continue
-        name = rule(path, layer)
-        if name is None:
-            continue
-        if not isinstance(name, str) or not name:
-            raise ValueError(f'the naming rule returned {name!r} for layer {path!r}; return a warehouse name '
-                             f'(a non-empty string), or None to keep the layer plain.')
-        _check_convertible(path, layer, types, all_paths[id(layer)])
-        names[path] = name
-    return names
+        return _sized_plan(model, {}, {}, manager_settings)
+    kept_plain = _select(model, layers, types, include_patterns, exclude_patterns, depthwise, stem, classifier)
+    candidates = [(path, layer) for path, layer in layers if kept_plain[path] is None]
+    if isinstance(rule, StageRule):
+        names, auto_plain = rule.name_layers(model, candidates, manager_settings)
+        kept_plain.update(auto_plain)
+    else:
+        names = {}
+        for path, layer in candidates:
+            name = rule(path, layer)
+            if name is None:
+                kept_plain[path] = 'kept plain by the rule'
+            elif not isinstance(name, str) or not name:
+                raise ValueError(f'the naming rule returned {name!r} for layer {path!r}; return a warehouse name '
+                                 f'(a non-empty string), or None to keep the layer plain.')
+            else:
+                names[path] = name
+    for path, layer in candidates:
+        if path in names:
+            _check_convertible(path, layer, types, all_paths[id(layer)])
+    return _sized_plan(model, names, {p: r for p, r in kept_plain.items() if p not in names}, manager_settings)
+
+
+def _sized_plan(model: nn.Module, names: Dict[str, str], kept_plain: Dict[str, str],
+                manager_settings: Mapping[str, Any]) -> ConversionPlan:
+    """The plan of ``names``, sized by building its warehouses and KW layers on the meta device."""
+    before = sum(p.numel() for p in model.parameters())
+    if not names:
+        return ConversionPlan({}, [], kept_plain, before, before, type(model).__name__)
+    old_layers = {path: model.get_submodule(path) for path in names}
+    with torch.device('meta'):
+        manager, new_layers = _build(names, old_layers, manager_settings)
+    attention = {idx: 0 for idx in range(len(manager.weights))}
+    for path, layer in new_layers.items():
+        conv = layer.conv if isinstance(layer, KWLinear) else layer
+        attention[conv.warehouse_id] += sum(p.numel() for p in conv.attention.parameters())
+    warehouses = [WarehousePlan(name, list(manager.layer_names[name]), tuple(cells.shape[1:]), cells.shape[0],
+                                attention[idx])
+                  for idx, (name, cells) in enumerate(zip(manager.warehouse_names, manager.weights))]
+    after = (before - sum(p.numel() for layer in old_layers.values() for p in layer.parameters())
+             + sum(p.numel() for p in manager.parameters())
+             + sum(p.numel() for layer in new_layers.values() for p in layer.parameters()))
+    return ConversionPlan(names, warehouses, kept_plain, before, after, type(model).__name__)
+
+
+def _build(names: Mapping[str, str], old_layers: Mapping[str, nn.Module],
+           manager_settings: Mapping[str, Any]) -> Tuple[WarehouseManager, Dict[str, nn.Module]]:
+    """The warehouse manager and the KW layers (by path, in module order) that replace ``old_layers``."""
+    manager = WarehouseManager(**manager_settings)
+    new_layers = {path: manager.reserve(**_layer_arguments(path, layer), warehouse_name=names[path], layer_name=path)
+                  for path, layer in old_layers.items()}
+    manager.store()
+    # Allocation walks the KW layers in the model's module order, which ``names`` keeps.
+    manager.allocate(nn.ModuleList(new_layers.values()))
+    return manager, new_layers
 
 
 def _layer_arguments(path: str, layer: nn.Module) -> Dict[str, Any]:
@@ -275,7 +424,7 @@ def _register_first(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def convert(
         model: nn.Module,
-        rule: Union[NamingRule, RulePairs],
+        rule: Union[NamingRule, RulePairs, StageRule, None] = None,
         *,
         include: Optional[Iterable[str]] = None,
         exclude: Optional[Iterable[str]] = None,
@@ -287,14 +436,17 @@ def convert(
 ) -> nn.Module:
     """Replace the layers :func:`plan` selects by KW layers at the same module paths; returns ``model``.
 
-    ``manager_settings`` are :class:`WarehouseManager` arguments (``reduction``, ``cell_num_ratio``,
-    ``cell_inplane_ratio``, ``cell_outplane_ratio``, ``sharing_range``, ``nonlocal_basis_ratio``,
-    ``norm_layer``, ``spatial_partition``). The model gains ``warehouse_manager`` (first in its
-    state dict) and, unless it has one, ``net_update_temperature(t)``. The keys of the layers left
-    alone do not change. A replaced conv's ``weight`` gives way to its attention
-    (``<path>.attention.*``) and its ``bias`` keeps its key; a replaced linear layer's keys move under
-    ``<path>.conv.`` (the KW linear holds a KW 1-D conv). Biases start at zero and cells are
-    initialised as in the built-in KW models. Nothing changes in ``model`` if any step fails.
+    Without a ``rule``, :class:`StageRule` names the warehouses from the model's stages (timm's
+    ``feature_info``). ``manager_settings`` are :class:`WarehouseManager` arguments (``reduction``,
+    ``cell_num_ratio``, ``cell_inplane_ratio``, ``cell_outplane_ratio``, ``sharing_range``,
+    ``nonlocal_basis_ratio``, ``norm_layer``, ``spatial_partition``). The model gains
+    ``warehouse_manager`` (first in its state dict) and, unless it has one,
+    ``net_update_temperature(t)``. The keys of the layers left alone do not change. A replaced
+    conv's ``weight`` gives way to its attention (``<path>.attention.*``) and its ``bias`` keeps its
+    key; a replaced linear layer's keys move under ``<path>.conv.`` (the KW linear holds a KW 1-D
+    conv). Biases start at zero and cells are initialised as in the built-in KW models. A warning
+    says when the attentions add more than half the model's parameters (and over a million).
+    Nothing changes in ``model`` if any step fails.
     """
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         raise TypeError(f'convert() adds a warehouse_manager submodule, which nn.{type(model).__name__} would treat '
@@ -303,18 +455,17 @@ def convert(
         raise ValueError('the model already has a warehouse_manager: convert() turns a plain model into a KW model, '
                          'once.')
     names = plan(model, rule, include=include, exclude=exclude, types=types, depthwise=depthwise, stem=stem,
-                 classifier=classifier)
+                 classifier=classifier, **manager_settings)
     if not names:
         raise ValueError('no layer was selected: the naming rule returned a name for none of the conv/linear layers '
                          'that pass the filters; check the rule\'s patterns against model.named_modules().')
-    manager = WarehouseManager(**manager_settings)
+    if names.attention_params > max(ATTENTION_WARNING_RATIO * names.params_before, ATTENTION_WARNING_MINIMUM):
+        warnings.warn(f'converting {names.model_name} adds {_short_count(names.attention_params)} attention parameters '
+                      f'({_short_count(names.params_before)} -> {_short_count(names.params_after)} in all): warehouses whose layers share only small cells '
+                      f'need large attentions; print(plan(...)) shows them. Keep layers of unrelated widths in '
+                      f'different warehouses (convert without a rule does), or use larger cells.', stacklevel=2)
     old_layers = {path: model.get_submodule(path) for path in names}
-    new_layers = {path: manager.reserve(**_layer_arguments(path, layer), warehouse_name=names[path], layer_name=path)
-                  for path, layer in old_layers.items()}
-    manager.store()
-    # Allocation walks the KW layers in the model's module order, which ``names`` keeps.
-    manager.allocate(nn.ModuleList(new_layers.values()))
-
+    manager, new_layers = _build(names, old_layers, manager_settings)
     weight = next(iter(old_layers.values())).weight
     manager.to(device=weight.device, dtype=weight.dtype).train(model.training)
     for path, layer in new_layers.items():

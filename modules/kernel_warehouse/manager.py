@@ -73,6 +73,37 @@ def static_layer(in_planes: int, out_planes: int, kernel_size: IntOrTuple = 1, s
                                       dilation=dilation, groups=groups, bias=bias)
 
 
+def cell_shape(layers: Sequence[Sequence[int]], cell_inplane_ratio: float = 1, cell_outplane_ratio: float = 1,
+               spatial_partition: bool = True) -> List[int]:
+    """The cell ``[cell_out, cell_in, *cell_kernel]`` of a warehouse holding kernels of the shapes
+    ``layers`` (``[out, in / groups, *k]`` each; KW-SPEC section 1). Without spatial partition the
+    cell kernel is the first layer's kernel (the manager checks that they agree)."""
+    cell_out = max(int(math.gcd(*(layer[0] for layer in layers)) * cell_outplane_ratio), 1)
+    cell_in = max(int(math.gcd(*(layer[1] for layer in layers)) * cell_inplane_ratio), 1)
+    kernel = layers[0][2:]
+    return [cell_out, cell_in, *([1] * len(kernel) if spatial_partition else kernel)]
+
+
+def tiles(layer: Sequence[int], cell: Sequence[int]) -> bool:
+    """Whether cells of shape ``cell`` tile a kernel of shape ``layer``."""
+    return all(size % cell_size == 0 for size, cell_size in zip(layer, cell))
+
+
+def num_mixtures(layer: Sequence[int], cell: Sequence[int]) -> int:
+    """The mixtures (cells) a kernel of shape ``layer`` is assembled from."""
+    return math.prod(size // cell_size for size, cell_size in zip(layer, cell))
+
+
+def num_cells(layers: Sequence[Sequence[int]], cell: Sequence[int], cell_num_ratio: float = 1) -> int:
+    """The cell count of a warehouse: its layers' mixtures times ``cell_num_ratio``."""
+    total = 0
+    for out_planes, in_planes, *kernel in layers:
+        # Evaluated left to right as in the released code (it fixes the warehouse size).
+        groups_channel = int(out_planes // cell[0] * in_planes // cell[1])
+        total += groups_channel * math.prod(k // ck for k, ck in zip(kernel, cell[2:]))
+    return max(int(total * cell_num_ratio), 1)
+
+
 class _PassMemo:
     """What :meth:`WarehouseManager.per_pass` keeps of the current forward pass: values by key, and the
     layers (by id) that asked. Never copied (``copy.deepcopy`` of a model, e.g. for EMA, or pickling):
@@ -209,17 +240,16 @@ class WarehouseManager(nn.Module):
                         f'{tuple(layer[2:])}{_named(layer_name)} but spatial '
                         f'partition is off for it: turn spatial_partition on, or choose a sharing range that '
                         f'keeps layers with different kernels in different warehouses.')
-        cell_out = max(int(math.gcd(*(layer[0] for layer in layers)) * self.cell_outplane_ratio[idx]), 1)
-        cell_in = max(int(math.gcd(*(layer[1] for layer in layers)) * self.cell_inplane_ratio[idx]), 1)
+        cell = cell_shape(layers, self.cell_inplane_ratio[idx], self.cell_outplane_ratio[idx],
+                          self.spatial_partition[idx])
         for layer, layer_name in zip(layers, layer_names):
-            if layer[0] % cell_out or layer[1] % cell_in:
+            if not tiles(layer, cell):
                 raise ValueError(
-                    f'warehouse {name!r}: cells of {cell_out} out x {cell_in} in channels do not tile a '
+                    f'warehouse {name!r}: cells of {cell[0]} out x {cell[1]} in channels do not tile a '
                     f'layer{_named(layer_name)} with {layer[0]} out x {layer[1]} in channels; choose '
                     f'cell_outplane_ratio ({self.cell_outplane_ratio[idx]}) and cell_inplane_ratio '
                     f'({self.cell_inplane_ratio[idx]}) so that the cells divide every layer.')
-        cell_kernel = [1] * len(kernel) if self.spatial_partition[idx] else list(kernel)
-        return [cell_out, cell_in, *cell_kernel]
+        return cell
 
     def store(self) -> None:
         """Create one parameter ``[n, cell_out, cell_in, *cell_kernel]`` per warehouse."""
@@ -231,15 +261,8 @@ class WarehouseManager(nn.Module):
 
     def _new_cells(self, idx: int, name: str, layers: List[List[int]]) -> nn.Parameter:
         """Warehouse ``idx``'s parameter, sized for its ``layers`` (uninitialised values)."""
-        cell_out, cell_in, *cell_kernel = self._cell_shape(idx, name, layers)
-        num_mixtures = 0
-        for out_planes, in_planes, *kernel in layers:
-            # Evaluated left to right as in the released code (it fixes the warehouse size).
-            groups_channel = int(out_planes // cell_out * in_planes // cell_in)
-            groups_spatial = math.prod(k // ck for k, ck in zip(kernel, cell_kernel))
-            num_mixtures += groups_channel * groups_spatial
-        num_cells = max(int(num_mixtures * self.cell_num_ratio[idx]), 1)
-        return nn.Parameter(torch.randn(num_cells, cell_out, cell_in, *cell_kernel))
+        cell = self._cell_shape(idx, name, layers)
+        return nn.Parameter(torch.randn(num_cells(layers, cell, self.cell_num_ratio[idx]), *cell))
 
     def allocate(self, network: nn.Module,
                  init_weights: Callable = partial(nn.init.kaiming_normal_, mode='fan_out', nonlinearity='relu')):
