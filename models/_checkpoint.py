@@ -59,7 +59,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _is_classifier_key(key: str, model: nn.Module) -> bool:
-    """Whether ``key`` names a parameter of the classifier in the model's pretrained config."""
+    """Whether ``key`` names a parameter of the classifier in the model's pretrained config, or the
+    warehouse that a KW classifier, now removed, had to itself: the one after the model's last (a
+    removed warehouse can only be the last, see ``WarehouseManager.replace_layer``)."""
     names = model.pretrained_cfg.get('classifier') if hasattr(model, 'pretrained_cfg') else None
     names = (names,) if isinstance(names, str) else tuple(names or ())
-    return any(key.startswith(f'{name}.') for name in names) or key.startswith('warehouse_manager.weights.')
+    manager = getattr(model, 'warehouse_manager', None)
+    removed_warehouse = f'warehouse_manager.weights.{len(manager.weights)}' if manager is not None else None
+    return any(key.startswith(f'{name}.') for name in names) or key == removed_warehouse

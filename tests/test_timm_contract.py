@@ -174,6 +174,20 @@ def _checkpoints(model, tmp_path):
     return [tmp_path / f'{layout}.pth' for layout in files]
 
 
+
+def test_headless_model_drops_only_the_removed_classifier_warehouse():
+    """num_classes=0 on kw1d2x_mobilenetv2_050, whose KW classifier has the last warehouse to itself:
+    the checkpoint filter drops that warehouse with the classifier, and no other warehouse key."""
+    trained = _build('kw1d2x_mobilenetv2_050', num_classes=6)
+    headless = _build('kw1d2x_mobilenetv2_050', num_classes=0)
+    removed = len(headless.warehouse_manager.weights)
+    assert removed == len(trained.warehouse_manager.weights) - 1
+    stray = f'warehouse_manager.weights.{removed + 1}'
+    kept = models.checkpoint_filter_fn({**trained.state_dict(), stray: torch.zeros(1)}, headless)
+    assert f'warehouse_manager.weights.{removed}' not in kept and stray in kept
+    assert all(k in kept for k in headless.state_dict())
+
+
 @pytest.mark.parametrize('name', ['kw_resnet18', 'kw1d2x_mobilenetv2_050', 'kw_deit_tiny'])
 def test_pretrained_local_file_loads_the_timm_way(name, tmp_path):
     trained = _build(name, num_classes=6)
