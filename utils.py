@@ -37,12 +37,14 @@ class CheckpointError(Exception):
 STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'module')
 
 
-def load_checkpoint_file(path: PathLike, trust: bool = False, map_location: Any = 'cpu') -> Dict[str, Any]:
+def load_checkpoint_file(path: PathLike, trust: bool = False, map_location: Any = 'cpu',
+                         trust_hint: str = 'load it with --trust_checkpoint true') -> Dict[str, Any]:
     """Load a checkpoint without letting it run code.
 
     Uses ``torch.load(weights_only=True)``, which allows :data:`SAFE_CHECKPOINT_GLOBALS` besides
     tensors and containers. A file that needs arbitrary code to unpickle is refused unless ``trust``
-    is set.
+    is set; the refusal ends with ``trust_hint``, what the caller offers instead (main.py's option;
+    the detection plugin, which has none, asks for a file of the weights alone).
     """
     path = Path(path)
     if not path.is_file():
@@ -55,7 +57,7 @@ def load_checkpoint_file(path: PathLike, trust: bool = False, map_location: Any 
         if 'GLOBAL' in str(error):  # the unpickler met a class or function it does not allow
             raise CheckpointError(
                 f'checkpoint {path} needs arbitrary code to unpickle, which may be unsafe; if you trust its '
-                f'source, load it with --trust_checkpoint true.') from None
+                f'source, {trust_hint}.') from None
         raise CheckpointError(f'checkpoint {path} is not a readable PyTorch checkpoint; use another copy.') from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f'checkpoint {path} is truncated or corrupt ({type(error).__name__}: '

@@ -3,14 +3,15 @@
     python detection/test.py CONFIG CHECKPOINT
     torchrun --nproc_per_node=8 detection/test.py CONFIG CHECKPOINT --launcher pytorch
 
-The weights are loaded through ``utils.py``'s safe checkpoint loader, strictly: a checkpoint of
-another config fails with the names of the keys that do not fit.
+The weights are loaded through ``utils.py``'s safe checkpoint loader (imported as ``kernelwarehouse.utils``),
+strictly: a checkpoint of another config fails with the names of the keys that do not fit.
 """
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: models, modules, utils
+# The repository root, for a checkout that is not pip-installed: models, modules, kernelwarehouse, detection
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detection import detection_stack_required  # noqa: E402
 
@@ -19,7 +20,7 @@ with detection_stack_required():
 
     from detection.kw_mmdet.launch import add_common_arguments, build_runner, load_config, run_cli
 
-from utils import extract_state_dict, load_checkpoint_file, load_model_weights
+from kernelwarehouse.utils import extract_state_dict, load_checkpoint_file, load_model_weights
 
 
 def parse_args() -> argparse.Namespace:

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: models, modules, utils
+# The repository root, for a checkout that is not pip-installed: models, modules, kernelwarehouse, detection
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detection import detection_stack_required  # noqa: E402
 

@@ -6,7 +6,7 @@ with ``torch.load(weights_only=True)`` and takes the weights from ``state_dict_e
 with ``model_ema`` where EMA was on, which timm then prefers, as for its own checkpoints).
 """
 import argparse
-from typing import Dict
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import numpy._core.multiarray as np_multiarray
@@ -24,10 +24,18 @@ SAFE_CHECKPOINT_GLOBALS = [
                                                       'Int32', 'Int64', 'UInt8', 'UInt16', 'UInt32', 'UInt64')),
 ]
 
+
+
+def _named(entry: Any) -> Tuple[Any, str]:
+    """``(object, pickled name)``: an entry that no ``safe_globals`` block removes by accident."""
+    return entry if isinstance(entry, tuple) else (entry, f'{entry.__module__}.{entry.__qualname__}')
+
+
 # Registered for the whole process when the models are imported, so that timm's loader opens these
-# checkpoints too (not in a ``safe_globals`` block, which removes its entries on exit, including ones
-# that other code, e.g. the detection plugin, registered as well).
-torch.serialization.add_safe_globals(SAFE_CHECKPOINT_GLOBALS)
+# checkpoints too. Under explicit names: a ``torch.serialization.safe_globals`` block removes the
+# objects it added on exit, even ones registered before it (timm's loader adds argparse.Namespace
+# in such a block, which would otherwise end our permission for main.py's checkpoints).
+torch.serialization.add_safe_globals([_named(entry) for entry in SAFE_CHECKPOINT_GLOBALS])
 
 
 def classifier_state_keys(model: nn.Module) -> set:

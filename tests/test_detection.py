@@ -27,8 +27,9 @@ from PIL import Image  # noqa: E402
 
 import models  # noqa: E402
 from detection.kw_mmdet import ClassifierBackbone  # noqa: E402
+# utils.py under the name the plugin imports it by, so that its errors are these classes
+from kernelwarehouse.utils import CheckpointError, UserError, load_checkpoint_file  # noqa: E402
 from modules.kernel_warehouse import Attention, KWConvNd  # noqa: E402
-from utils import CheckpointError, UserError, load_checkpoint_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / 'detection' / 'configs').glob('mask_rcnn_*.py'))

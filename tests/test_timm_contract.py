@@ -8,6 +8,7 @@ import timm
 import torch
 
 import models
+import utils
 from modules.kernel_warehouse import KWLinear
 
 # one model per family and kind, small enough for the CPU; the pretrained cfgs are checked on all
@@ -174,6 +175,16 @@ def _checkpoints(model, tmp_path):
     return [tmp_path / f'{layout}.pth' for layout in files]
 
 
+
+def test_timm_loading_leaves_our_checkpoints_loadable(tmp_path):
+    """timm's loader allows argparse.Namespace inside a safe_globals block; leaving it must not take
+    away the process-wide permission that main.py's checkpoints (with ``args``) need."""
+    path = tmp_path / 'checkpoint.pth'
+    model = _build('kw_resnet18', num_classes=3)
+    torch.save({'model': model.state_dict(), 'args': argparse.Namespace(model='kw_resnet18')}, path)
+    timm.create_model('kw_resnet18', pretrained=True, num_classes=3,
+                      pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
+    assert utils.load_checkpoint_file(path)['args'].model == 'kw_resnet18'
 
 def test_headless_model_drops_only_the_removed_classifier_warehouse():
     """num_classes=0 on kw1d2x_mobilenetv2_050, whose KW classifier has the last warehouse to itself:

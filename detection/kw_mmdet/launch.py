@@ -10,7 +10,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from utils import CheckpointError, UserError
+from kernelwarehouse.utils import CheckpointError, UserError
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
