@@ -77,7 +77,7 @@ def create_model_from_config(config: Mapping[str, Any],
 def _create_converted(config: Mapping[str, Any], on_conversion: Optional[Callable[[ConversionPlan], None]],
                       **overrides) -> nn.Module:
     name = resolve_model_name(config['model'])
-    if name in REGISTERED_NAMES and not name.startswith('plain_'):
+    if name in REGISTERED_NAMES and name.startswith('kw'):
         raise ValueError(f'{config["model"]} is a KW model already; kw_convert turns a plain model into one: drop '
                          f'kw_convert, or name a plain model.')
     # timm's own argument names: every timm model takes num_classes and drop_rate; drop_path_rate is
