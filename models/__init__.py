@@ -92,6 +92,6 @@ def _create_converted(config: Mapping[str, Any], on_conversion: Optional[Callabl
     return convert(model, **kw_settings)
 
 
-__all__ = ['ConversionPlan', 'CONFIG_DEFAULTS', 'CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'REGISTERED_NAMES', 'RELEASED_NAMES', 'ConvNeXt',
-           'MobileNetV2', 'ResNet', 'checkpoint_filter_fn', 'classifier_state_keys', 'create_model',
-           'create_model_from_config', 'resolve_model_name']
+__all__ = ['CONFIG_DEFAULTS', 'CONFIG_TO_MODEL_ARGS', 'MODEL_NAMES', 'REGISTERED_NAMES', 'RELEASED_NAMES',
+           'ConversionPlan', 'ConvNeXt', 'MobileNetV2', 'ResNet', 'checkpoint_filter_fn', 'classifier_state_keys',
+           'create_model', 'create_model_from_config', 'resolve_model_name']

@@ -332,6 +332,19 @@ def plan(
     ``rule`` names each candidate's warehouse or returns None to keep it plain; without a rule,
     :class:`StageRule` names them from the model's stages.
     """
+    names, kept_plain = _name_layers(model, rule, include, exclude, types, depthwise, stem, classifier,
+                                     manager_settings)
+    old_layers = {path: model.get_submodule(path) for path in names}
+    with torch.device('meta'):
+        return _describe(model, names, kept_plain, *_build(names, old_layers, manager_settings))
+
+
+def _name_layers(model: nn.Module, rule: Union[NamingRule, RulePairs, StageRule, None],
+                 include: Optional[Iterable[str]], exclude: Optional[Iterable[str]],
+                 types: Sequence[Type[nn.Module]], depthwise: bool, stem: bool, classifier: bool,
+                 manager_settings: Mapping[str, Any]) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """:func:`plan`'s selection and naming: the warehouse name of each layer to replace, and why each
+    other conv/linear layer stays plain."""
     rule = StageRule() if rule is None else rule
     if not isinstance(rule, StageRule) and not callable(rule):
         rule = RegexRule(rule)
@@ -345,7 +358,7 @@ def plan(
     # The root cannot be replaced in place.
     layers = [(path, m) for path, m in model.named_modules() if path and isinstance(m, CONVERTIBLE_TYPES)]
     if not layers:
-        return _sized_plan(model, {}, {}, manager_settings)
+        return {}, {}
     kept_plain = _select(model, layers, types, include_patterns, exclude_patterns, depthwise, stem, classifier)
     candidates = [(path, layer) for path, layer in layers if kept_plain[path] is None]
     if isinstance(rule, StageRule):
@@ -365,26 +378,21 @@ def plan(
     for path, layer in candidates:
         if path in names:
             _check_convertible(path, layer, types, all_paths[id(layer)])
-    return _sized_plan(model, names, {p: r for p, r in kept_plain.items() if p not in names}, manager_settings)
+    return names, {p: r for p, r in kept_plain.items() if p not in names}
 
 
-def _sized_plan(model: nn.Module, names: Dict[str, str], kept_plain: Dict[str, str],
-                manager_settings: Mapping[str, Any]) -> ConversionPlan:
-    """The plan of ``names``, sized by building its warehouses and KW layers on the meta device."""
+def _describe(model: nn.Module, names: Dict[str, str], kept_plain: Dict[str, str], manager: WarehouseManager,
+              new_layers: Mapping[str, nn.Module]) -> ConversionPlan:
+    """The plan of replacing the layers ``names`` of ``model`` (not yet replaced) by ``new_layers``."""
     before = sum(p.numel() for p in model.parameters())
-    if not names:
-        return ConversionPlan({}, [], kept_plain, before, before, type(model).__name__)
-    old_layers = {path: model.get_submodule(path) for path in names}
-    with torch.device('meta'):
-        manager, new_layers = _build(names, old_layers, manager_settings)
     attention = {idx: 0 for idx in range(len(manager.weights))}
-    for path, layer in new_layers.items():
+    for layer in new_layers.values():
         conv = layer.conv if isinstance(layer, KWLinear) else layer
         attention[conv.warehouse_id] += sum(p.numel() for p in conv.attention.parameters())
     warehouses = [WarehousePlan(name, list(manager.layer_names[name]), tuple(cells.shape[1:]), cells.shape[0],
                                 attention[idx])
                   for idx, (name, cells) in enumerate(zip(manager.warehouse_names, manager.weights))]
-    after = (before - sum(p.numel() for layer in old_layers.values() for p in layer.parameters())
+    after = (before - sum(p.numel() for path in names for p in model.get_submodule(path).parameters())
              + sum(p.numel() for p in manager.parameters())
              + sum(p.numel() for layer in new_layers.values() for p in layer.parameters()))
     return ConversionPlan(names, warehouses, kept_plain, before, after, type(model).__name__)
@@ -454,18 +462,21 @@ def convert(
     if hasattr(model, MANAGER_ATTRIBUTE):
         raise ValueError('the model already has a warehouse_manager: convert() turns a plain model into a KW model, '
                          'once.')
-    names = plan(model, rule, include=include, exclude=exclude, types=types, depthwise=depthwise, stem=stem,
-                 classifier=classifier, **manager_settings)
+    names, kept_plain = _name_layers(model, rule, include, exclude, types, depthwise, stem, classifier,
+                                     manager_settings)
     if not names:
         raise ValueError('no layer was selected: the naming rule returned a name for none of the conv/linear layers '
                          'that pass the filters; check the rule\'s patterns against model.named_modules().')
-    if names.attention_params > max(ATTENTION_WARNING_RATIO * names.params_before, ATTENTION_WARNING_MINIMUM):
-        warnings.warn(f'converting {names.model_name} adds {_short_count(names.attention_params)} attention parameters '
-                      f'({_short_count(names.params_before)} -> {_short_count(names.params_after)} in all): warehouses whose layers share only small cells '
-                      f'need large attentions; print(plan(...)) shows them. Keep layers of unrelated widths in '
-                      f'different warehouses (convert without a rule does), or use larger cells.', stacklevel=2)
     old_layers = {path: model.get_submodule(path) for path in names}
     manager, new_layers = _build(names, old_layers, manager_settings)
+    conversion = _describe(model, names, kept_plain, manager, new_layers)
+    if conversion.attention_params > max(ATTENTION_WARNING_RATIO * conversion.params_before,
+                                         ATTENTION_WARNING_MINIMUM):
+        warnings.warn(f'converting {conversion.model_name} adds {_short_count(conversion.attention_params)} attention '
+                      f'parameters ({_short_count(conversion.params_before)} -> '
+                      f'{_short_count(conversion.params_after)} in all): warehouses whose layers share only small '
+                      f'cells need large attentions; print(plan(...)) shows them. Keep layers of unrelated widths in '
+                      f'different warehouses (convert without a rule does), or use larger cells.', stacklevel=2)
     weight = next(iter(old_layers.values())).weight
     manager.to(device=weight.device, dtype=weight.dtype).train(model.training)
     for path, layer in new_layers.items():
